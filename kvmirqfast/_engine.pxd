@@ -1,0 +1,62 @@
+# The data plane: one engine thread that waits on every assigned eventfd and delivers.
+
+from libc.stdint cimport uint32_t, uint64_t
+from kvmirqfast._sys cimport pthread_t, pthread_mutex_t, pthread_cond_t
+from kvmirqfast._lapic cimport apic_bus_t, ApicBus
+
+cdef enum:
+    IRQFD_DEAD = 1          # deassigned: the engine must not touch its eventfd or route again
+    IRQFD_PENDING_AT_ASSIGN = 2   # first wakeup delivers without consuming (KVM's assign-time inject)
+    MAX_EVENTS = 512        # epoll_wait batch
+
+# One assigned irqfd.  The epoll registration's data.ptr points here, so a wakeup goes straight
+# from the eventfd to its route: no lookup on the hot path.
+cdef struct irqfd_t:
+    uint64_t route          # route word (see _lapic.pxd); atomic, replaced whole by the control plane
+    uint32_t flags          # IRQFD_DEAD; atomic
+    uint32_t inject_pending # on the deferred list; like schedule_work(), a second request coalesces
+    int fd                  # the eventfd, as registered in epoll
+    uint32_t _pad
+    irqfd_t *defer_next     # deferred list link, protected by engine_t.dlock
+    void *owner             # the IrqfdRecord that owns this memory (borrowed)
+
+cdef struct engine_stats_t:
+    uint64_t events         # eventfd wakeups harvested from epoll
+    uint64_t delivered      # delivered in the engine thread ("inatomic")
+    uint64_t deferred       # handed to the deferred worker ("would block")
+    uint64_t no_target      # MSI that matched no LAPIC
+    uint64_t empty          # wakeups whose counter was already 0 (raced with a reader)
+    uint64_t batches        # epoll_wait calls that returned events
+    uint64_t polls          # epoll_wait(timeout 0) calls made while halt-polling
+
+cdef struct engine_t:
+    int epfd
+    int wakefd              # registered with data.ptr NULL: wakes the engine to stop
+    uint32_t stop
+    uint32_t _pad
+    uint64_t batch_seq      # odd while the engine holds records from epoll_wait (see synchronize)
+    uint64_t poll_ns        # halt-polling window before blocking; 0 = block at once
+    apic_bus_t *bus
+    pthread_mutex_t dlock   # protects dhead and dstop
+    pthread_cond_t dcond
+    irqfd_t *dhead
+    uint32_t dstop
+    engine_stats_t stats
+
+cdef class IrqfdRecord:
+    cdef irqfd_t rec
+    cdef public object key
+    cdef public object gsi
+    cdef public object entry
+    cdef public object resampler
+    cdef public object resamplefd
+    cdef public bint direct
+
+cdef class Engine:
+    cdef engine_t *e
+    cdef ApicBus bus
+    cdef pthread_t thread
+    cdef bint started
+    cdef bint closed
+    cdef void _stop_thread(self) noexcept
+    cdef void _release(self) noexcept

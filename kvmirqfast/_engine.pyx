@@ -1,0 +1,375 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The engine: eventfd write -> epoll -> irqfd record -> route -> LAPIC, without the GIL.
+
+One native thread blocks in epoll_wait on every assigned eventfd (edge-triggered).  For each
+wakeup it does what KVM's irqfd_wakeup does: consume the eventfd counter, take the irqfd's route,
+deliver an MSI at once ("inatomic"), and hand anything else to the deferred worker, a Python
+thread that plays irqfd_inject.
+
+Ordering rules, stated once:
+* ``batch_seq`` is odd while the engine holds records returned by epoll_wait.  The control plane
+  changes a record (DEAD flag, route word) with a seq_cst store and then calls synchronize(),
+  which waits out a batch that was in flight.  Either the engine's seq_cst increment comes first
+  (and we wait for it), or it comes after our store (and the engine sees the new value).  This is
+  KVM's synchronize_srcu() after an irqfd update, in a dozen lines.
+* The engine loads the route before it consumes the counter, so a write it consumes was made
+  after the route it delivers with was current (see Engine.drain_and_set_route).
+"""
+
+from cpython.ref cimport PyObject
+from libc.stdint cimport uint32_t, uint64_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memset
+from posix.unistd cimport usleep
+
+from kvmirqfast._sys cimport *
+from kvmirqfast._lapic cimport (apic_bus_t, ApicBus, apic_bus_deliver, route_kind,
+                                ROUTE_MSI, ROUTE_NONE)
+
+import os
+
+
+cdef extern from *:
+    int EOPNOTSUPP
+
+
+cdef class IrqfdRecord:
+    """One irqfd as the engine sees it: its eventfd, its route word, and its state.
+
+    The Python attributes (key, gsi, entry, resampler, resamplefd, direct) belong to the
+    control plane; the engine only reads ``rec``.
+    """
+
+    def __cinit__(self, int fd, key, gsi=None, entry=None, bint direct=False):
+        memset(&self.rec, 0, sizeof(irqfd_t))
+        self.rec.fd = fd
+        self.rec.owner = <void *>self
+        self.key = key
+        self.gsi = gsi
+        self.entry = entry
+        self.direct = direct
+        self.resampler = None
+        self.resamplefd = None
+
+    @property
+    def fd(self):
+        return self.rec.fd
+
+    @property
+    def route(self):
+        return kif_load64(&self.rec.route)
+
+    @property
+    def dead(self):
+        return bool(kif_load32(&self.rec.flags) & IRQFD_DEAD)
+
+    @property
+    def inject_pending(self):
+        return bool(kif_load32(&self.rec.inject_pending))
+
+    def mark_pending_at_assign(self):
+        """The eventfd was already signalled at assign: deliver once without consuming it."""
+        kif_or32(&self.rec.flags, IRQFD_PENDING_AT_ASSIGN)
+
+    def clear_inject_pending(self):
+        """Called by the deferred worker before it injects: a new event re-queues the record."""
+        kif_store32(&self.rec.inject_pending, 0)
+
+    @staticmethod
+    def native_size():
+        """Bytes of native state per irqfd (the irqfd_t record)."""
+        return sizeof(irqfd_t)
+
+
+cdef inline void defer_inject(engine_t *e, irqfd_t *irqfd) noexcept nogil:
+    # Like schedule_work(&irqfd->inject): queue once; a record already queued is not queued again.
+    if not kif_cas32(&irqfd.inject_pending, 0, 1):
+        return
+    pthread_mutex_lock(&e.dlock)
+    irqfd.defer_next = e.dhead
+    e.dhead = irqfd
+    pthread_cond_signal(&e.dcond)
+    pthread_mutex_unlock(&e.dlock)
+
+
+cdef inline bint consume(int fd) noexcept nogil:
+    # eventfd_ctx_do_read(): take the counter.  RWF_NOWAIT because the user's eventfd may be
+    # blocking and someone else may have read it first; we must never block here.
+    cdef uint64_t count
+    cdef iovec iov
+    iov.iov_base = &count
+    iov.iov_len = 8
+    return preadv2(fd, &iov, 1, -1, RWF_NOWAIT) == 8
+
+
+cdef inline void irqfd_wakeup(engine_t *e, irqfd_t *irqfd, engine_stats_t *st) noexcept nogil:
+    cdef uint64_t route
+    cdef uint32_t flags = kif_load32(&irqfd.flags)
+    if flags & IRQFD_DEAD:
+        return                                   # deassigned after epoll_wait returned it
+    route = kif_load64(&irqfd.route)             # before consuming: see the module docstring
+    if flags & IRQFD_PENDING_AT_ASSIGN:
+        # KVM injects an event found pending at assign without reading the counter.
+        kif_and32(&irqfd.flags, ~(<uint32_t>IRQFD_PENDING_AT_ASSIGN))
+    elif not consume(irqfd.fd):
+        st.empty += 1
+        return
+    if route_kind(route) == ROUTE_MSI:           # kvm_arch_set_irq_inatomic
+        if apic_bus_deliver(e.bus, route) < 0:
+            st.no_target += 1
+        st.delivered += 1
+    else:                                        # -EWOULDBLOCK: irqchip lines, no route
+        defer_inject(e, irqfd)
+        st.deferred += 1
+
+
+cdef void *engine_main(void *arg) noexcept nogil:
+    cdef engine_t *e = <engine_t *>arg
+    cdef epoll_event events[MAX_EVENTS]
+    cdef engine_stats_t st
+    cdef int n, i, timeout
+    cdef uint64_t last_event = 0
+    memset(&st, 0, sizeof(st))
+    while not kif_load32(&e.stop):
+        timeout = -1
+        if e.poll_ns and kif_now_ns() - last_event < e.poll_ns:
+            timeout = 0                          # halt-polling: spin instead of sleeping
+            st.polls += 1
+        n = epoll_wait(e.epfd, events, MAX_EVENTS, timeout)
+        if n <= 0:
+            if timeout == 0:
+                kif_cpu_relax()
+            continue
+        kif_add64(&e.batch_seq, 1)               # odd: we hold records
+        for i in range(n):
+            if events[i].data.ptr != NULL:
+                irqfd_wakeup(e, <irqfd_t *>events[i].data.ptr, &st)
+        st.events += n
+        st.batches += 1
+        kif_add64(&e.batch_seq, 1)               # even: records released
+        if e.poll_ns:
+            last_event = kif_now_ns()
+        publish_stats(e, &st)
+    publish_stats(e, &st)
+    return NULL
+
+
+cdef inline void publish_stats(engine_t *e, engine_stats_t *st) noexcept nogil:
+    kif_store64_relaxed(&e.stats.events, st.events)
+    kif_store64_relaxed(&e.stats.delivered, st.delivered)
+    kif_store64_relaxed(&e.stats.deferred, st.deferred)
+    kif_store64_relaxed(&e.stats.no_target, st.no_target)
+    kif_store64_relaxed(&e.stats.empty, st.empty)
+    kif_store64_relaxed(&e.stats.batches, st.batches)
+    kif_store64_relaxed(&e.stats.polls, st.polls)
+
+
+cdef class Engine:
+    """The engine thread, its epoll set and its deferred queue.
+
+    ``Engine(bus)`` creates the epoll fd; ``start()`` starts the thread; ``close()`` stops it and
+    releases every fd it owns.  Registration and route changes are safe while the thread runs.
+    """
+
+    def __cinit__(self, ApicBus bus not None):
+        cdef epoll_event ev
+        self.bus = bus
+        self.e = <engine_t *>calloc(1, sizeof(engine_t))
+        if self.e == NULL:
+            raise MemoryError()
+        self.e.epfd = -1
+        self.e.wakefd = -1
+        self.e.bus = &bus.bus
+        pthread_mutex_init(&self.e.dlock, NULL)
+        pthread_cond_init(&self.e.dcond, NULL)
+        self.e.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.e.epfd < 0:
+            raise OSError(errno, os.strerror(errno))
+        self.e.wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+        if self.e.wakefd < 0:
+            raise OSError(errno, os.strerror(errno))
+        ev.events = EPOLLIN
+        ev.data.ptr = NULL
+        if epoll_ctl(self.e.epfd, EPOLL_CTL_ADD, self.e.wakefd, &ev) < 0:
+            raise OSError(errno, os.strerror(errno))
+
+    def __dealloc__(self):
+        if self.e != NULL:
+            self._stop_thread()
+            self._release()
+            pthread_mutex_destroy(&self.e.dlock)
+            pthread_cond_destroy(&self.e.dcond)
+            free(self.e)
+            self.e = NULL
+
+    def start(self):
+        """Start the engine thread."""
+        if self.started or self.closed:
+            raise RuntimeError("engine already started or closed")
+        if pthread_create(&self.thread, NULL, engine_main, self.e) != 0:
+            raise OSError(errno, "pthread_create failed")
+        self.started = True
+
+    cdef void _stop_thread(self) noexcept:
+        cdef uint64_t one = 1
+        if not self.started:
+            return
+        kif_store32(&self.e.stop, 1)
+        write(self.e.wakefd, &one, 8)
+        with nogil:
+            pthread_join(self.thread, NULL)
+        self.started = False
+
+    cdef void _release(self) noexcept:
+        if self.e.epfd >= 0:
+            close(self.e.epfd)
+            self.e.epfd = -1
+        if self.e.wakefd >= 0:
+            close(self.e.wakefd)
+            self.e.wakefd = -1
+
+    def close(self):
+        """Stop the thread, wake the deferred worker for good, close the epoll and wake fds."""
+        if self.closed:
+            return
+        self._stop_thread()
+        pthread_mutex_lock(&self.e.dlock)
+        self.e.dstop = 1
+        pthread_cond_broadcast(&self.e.dcond)
+        pthread_mutex_unlock(&self.e.dlock)
+        self._release()
+        self.closed = True
+
+    property poll_ns:
+        """Halt-polling window: after events, spin this long on epoll before sleeping."""
+        def __get__(self):
+            return self.e.poll_ns
+        def __set__(self, uint64_t v):
+            self.e.poll_ns = v
+
+    # -- control plane ----------------------------------------------------------------------
+    def register(self, IrqfdRecord r not None):
+        """Add the record's eventfd to the epoll set.  An event already pending is delivered.
+
+        Raises OSError (EBADF, EPERM for a non-pollable fd, ENOSPC/ENOMEM at limits); nothing
+        is registered then.  O(log n) in the kernel's epoll tree.
+        """
+        cdef epoll_event ev
+        if self.closed:
+            raise RuntimeError("engine closed")
+        ev.events = EPOLLIN | EPOLLET
+        ev.data.ptr = &r.rec
+        if epoll_ctl(self.e.epfd, EPOLL_CTL_ADD, r.rec.fd, &ev) < 0:
+            raise OSError(errno, os.strerror(errno))
+
+    def unregister(self, IrqfdRecord r not None):
+        """Detach a record: after this returns the engine never touches it or its eventfd.
+
+        Returns True if epoll still held the registration (False if its fd was already closed).
+        """
+        cdef int rc = 0
+        kif_store32(&r.rec.flags, kif_load32(&r.rec.flags) | IRQFD_DEAD)
+        if not self.closed:
+            rc = epoll_ctl(self.e.epfd, EPOLL_CTL_DEL, r.rec.fd, NULL)
+        self.synchronize()
+        return rc == 0
+
+    def set_route(self, IrqfdRecord r not None, uint64_t route):
+        """Replace a record's route word (one atomic store; call synchronize() afterwards)."""
+        kif_store64(&r.rec.route, route)
+
+    def drain_and_set_route(self, IrqfdRecord r not None, uint64_t route):
+        """Retarget with no write lost or misdelivered across the change.  O(1) + a grace period.
+
+        1. synchronize(): a batch in flight finishes with the old route;
+        2. consume the counter ourselves and deliver it with the old route (events written
+           before this call belong to the old target);
+        3. store the new route and synchronize(): events consumed from now on use it.
+        Returns True if step 2 found a pending event that needs the deferred path.
+        """
+        cdef uint64_t old = kif_load64(&r.rec.route)
+        cdef bint slow = False
+        self.synchronize()
+        if not self.closed and consume(r.rec.fd):
+            if route_kind(old) == ROUTE_MSI:
+                apic_bus_deliver(self.e.bus, old)
+            else:
+                slow = True
+        kif_store64(&r.rec.route, route)
+        self.synchronize()
+        return slow
+
+    def synchronize(self):
+        """Wait until the engine holds no record it held when this was called.  Usually O(1)."""
+        cdef uint64_t s
+        if not self.started:
+            return
+        s = kif_load64(&self.e.batch_seq)
+        if s & 1:
+            with nogil:
+                while kif_load64(&self.e.batch_seq) == s:
+                    kif_cpu_relax()
+
+    def deliver(self, uint64_t route):
+        """Deliver one route word now from the calling thread (KVM_SIGNAL_MSI, IOAPIC)."""
+        cdef int r
+        with nogil:
+            r = apic_bus_deliver(self.e.bus, route)
+        return r
+
+    def take_deferred(self, timeout=None):
+        """Block (without the GIL) until records need the slow path; return them oldest first.
+
+        Returns [] on timeout or once the engine is closed.  The records stay inject_pending
+        until the caller clears them.
+        """
+        cdef irqfd_t *head
+        cdef irqfd_t *nxt
+        cdef irqfd_t *rev = NULL
+        cdef timespec ts
+        cdef double t = -1.0 if timeout is None else float(timeout)
+        with nogil:
+            pthread_mutex_lock(&self.e.dlock)
+            if self.e.dhead == NULL and not self.e.dstop:
+                if t < 0:
+                    pthread_cond_wait(&self.e.dcond, &self.e.dlock)
+                else:
+                    clock_gettime(0, &ts)         # CLOCK_REALTIME, as pthread_cond_timedwait wants
+                    ts.tv_sec += <long>t
+                    ts.tv_nsec += <long>((t - <long>t) * 1e9)
+                    if ts.tv_nsec >= 1000000000:
+                        ts.tv_sec += 1
+                        ts.tv_nsec -= 1000000000
+                    pthread_cond_timedwait(&self.e.dcond, &self.e.dlock, &ts)
+            head = self.e.dhead
+            self.e.dhead = NULL
+            pthread_mutex_unlock(&self.e.dlock)
+            while head != NULL:                   # the list is LIFO: reverse it
+                nxt = head.defer_next
+                head.defer_next = rev
+                rev = head
+                head = nxt
+        out = []
+        while rev != NULL:
+            out.append(<object><PyObject *>rev.owner)
+            rev = rev.defer_next
+        return out
+
+    def stats(self):
+        """Counters since start, as a dict (see engine_stats_t), plus the thread's CPU time."""
+        cdef clockid_t clk
+        cdef timespec ts
+        d = {
+            "events": kif_load64_relaxed(&self.e.stats.events),
+            "delivered": kif_load64_relaxed(&self.e.stats.delivered),
+            "deferred": kif_load64_relaxed(&self.e.stats.deferred),
+            "no_target": kif_load64_relaxed(&self.e.stats.no_target),
+            "empty": kif_load64_relaxed(&self.e.stats.empty),
+            "batches": kif_load64_relaxed(&self.e.stats.batches),
+            "polls": kif_load64_relaxed(&self.e.stats.polls),
+            "cpu_ns": None,
+        }
+        if self.started and pthread_getcpuclockid(self.thread, &clk) == 0:
+            if clock_gettime(clk, &ts) == 0:
+                d["cpu_ns"] = ts.tv_sec * 1000000000 + ts.tv_nsec
+        return d

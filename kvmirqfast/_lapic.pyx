@@ -1,0 +1,287 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Local APIC state per vCPU (IRR, ISR, TMR, ID, LDR, DFR, SPIV) and the bus that routes to it.
+
+The engine thread and any Python thread may deliver at once: IRR/TMR bits are set with atomic
+OR, cleared with atomic AND.  ack() and eoi() are meant to be called by the vCPU's own thread,
+as a guest acknowledges its own interrupts; they are still atomic so misuse cannot corrupt IRR.
+"""
+
+from cpython.exc cimport PyErr_CheckSignals
+from libc.stdint cimport uint32_t, uint64_t, int64_t
+from libc.stdlib cimport free
+from libc.string cimport memset
+from kvmirqfast._sys cimport (kif_load32, kif_load32_relaxed, kif_store32, kif_or32, kif_and32,
+                              kif_add32, kif_sub32, kif_load64_relaxed, kif_futex_wait,
+                              kif_futex_wake, kif_now_ns, kif_cpu_relax, kif_cas32, timespec)
+
+cdef extern from "<stdlib.h>" nogil:
+    int posix_memalign(void **memptr, size_t alignment, size_t size)
+
+
+cdef inline int highest_bit(const uint32_t *reg) noexcept nogil:
+    cdef int w
+    cdef uint32_t v
+    for w in range(7, -1, -1):
+        v = kif_load32_relaxed(&reg[w])
+        if v:
+            return w * 32 + 31 - __builtin_clz(v)
+    return -1
+
+
+cdef extern from *:
+    int __builtin_clz(unsigned int x) nogil
+
+
+cdef inline int deliverable(lapic_t *l) noexcept nogil:
+    """The vector the guest would take next (highest IRR above the in-service class), or -1."""
+    cdef int irr = highest_bit(l.irr)
+    cdef int isr
+    if irr < 0:
+        return -1
+    isr = highest_bit(l.isr)
+    if isr >= 0 and (irr & 0xF0) <= (isr & 0xF0):
+        return -1
+    return irr
+
+
+cdef list bits_to_vectors(const uint32_t *reg):
+    cdef list out = []
+    cdef int w, b
+    cdef uint32_t v
+    for w in range(8):
+        v = kif_load32_relaxed(&reg[w])
+        for b in range(32):
+            if v & (1u << b):
+                out.append(w * 32 + b)
+    return out
+
+
+cdef void vectors_to_bits(uint32_t *reg, vectors) except *:
+    cdef uint32_t tmp[8]
+    cdef int w
+    memset(tmp, 0, sizeof(tmp))
+    for v in vectors:
+        if not 0 <= v <= 255:
+            raise ValueError(f"vector {v} out of range 0..255")
+        tmp[v >> 5] |= 1u << (v & 31)
+    for w in range(8):
+        kif_store32(&reg[w], tmp[w])
+
+
+cdef class Lapic:
+    """One vCPU's local APIC, in KVM's reset state except where the caller enables it.
+
+    Reset values match KVM: ID = vcpu id, LDR 0, DFR 0xFFFFFFFF (flat), SPIV 0xFF
+    (software-disabled: fixed interrupts are dropped until SPIV bit 8 is set).
+    """
+
+    def __cinit__(self, uint32_t vcpu_id):
+        if posix_memalign(&self.mem, 64, sizeof(lapic_t)) != 0:
+            raise MemoryError()
+        self.l = <lapic_t *>self.mem
+        memset(self.l, 0, sizeof(lapic_t))
+        self.l.vcpu_id = vcpu_id
+        self.l.apic_id = vcpu_id
+        self.l.dfr = 0xFFFFFFFF
+        self.l.spiv = 0xFF
+
+    def __dealloc__(self):
+        free(self.mem)
+
+    # -- registers (the KVM_GET_LAPIC/KVM_SET_LAPIC view) -------------------------------------
+    @property
+    def vcpu_id(self):
+        return self.l.vcpu_id
+
+    property apic_id:
+        def __get__(self):
+            return kif_load32(&self.l.apic_id)
+        def __set__(self, uint32_t v):
+            kif_store32(&self.l.apic_id, v)
+
+    property ldr:
+        def __get__(self):
+            return kif_load32(&self.l.ldr)
+        def __set__(self, uint32_t v):
+            kif_store32(&self.l.ldr, v)
+
+    property dfr:
+        def __get__(self):
+            return kif_load32(&self.l.dfr)
+        def __set__(self, uint32_t v):
+            kif_store32(&self.l.dfr, v)
+
+    property spiv:
+        def __get__(self):
+            return kif_load32(&self.l.spiv)
+        def __set__(self, uint32_t v):
+            kif_store32(&self.l.spiv, v)
+
+    @property
+    def enabled(self):
+        return bool(kif_load32(&self.l.spiv) & SPIV_ENABLED)
+
+    @property
+    def accepted(self):
+        """Interrupts this LAPIC has accepted since creation."""
+        return kif_load64_relaxed(&self.l.accepted)
+
+    def irr(self):
+        """Vectors requested (IRR), ascending.  O(256)."""
+        return bits_to_vectors(self.l.irr)
+
+    def isr(self):
+        """Vectors in service (ISR), ascending.  O(256)."""
+        return bits_to_vectors(self.l.isr)
+
+    def tmr(self):
+        """Vectors last delivered level-triggered (TMR), ascending.  O(256)."""
+        return bits_to_vectors(self.l.tmr)
+
+    def set_registers(self, irr=None, isr=None, tmr=None):
+        """Replace whole bit arrays (KVM_SET_LAPIC); a bad vector raises ValueError, changing none."""
+        for vs in (irr, isr, tmr):
+            if vs is not None:
+                for v in vs:
+                    if not isinstance(v, int) or not 0 <= v <= 255:
+                        raise ValueError(f"vector {v!r} out of range 0..255")
+        if tmr is not None:
+            vectors_to_bits(self.l.tmr, tmr)
+        if isr is not None:
+            vectors_to_bits(self.l.isr, isr)
+        if irr is not None:
+            vectors_to_bits(self.l.irr, irr)
+            lapic_kick(self.l)
+
+    # -- the guest's side: HLT, INTA, EOI -----------------------------------------------------
+    def has_interrupt(self):
+        """True if an interrupt is deliverable now (IRR above the in-service priority class)."""
+        return deliverable(self.l) >= 0
+
+    cdef bint _wait(self, int64_t timeout_ns, uint64_t poll_ns) noexcept nogil:
+        cdef uint64_t start = kif_now_ns(), now
+        cdef uint32_t seq
+        cdef timespec ts
+        cdef int64_t left
+        if deliverable(self.l) >= 0:
+            return True
+        while poll_ns:                       # halt-polling: a short spin beats a wake-up
+            kif_cpu_relax()
+            if deliverable(self.l) >= 0:
+                return True
+            if kif_now_ns() - start >= poll_ns:
+                break
+        while not kif_load32(&self.l.shutdown):
+            seq = kif_load32(&self.l.wake_seq)
+            kif_add32(&self.l.waiters, 1)
+            if deliverable(self.l) >= 0:
+                kif_sub32(&self.l.waiters, 1)
+                return True
+            if timeout_ns >= 0:
+                left = timeout_ns - <int64_t>(kif_now_ns() - start)
+                if left <= 0:
+                    kif_sub32(&self.l.waiters, 1)
+                    return False
+                ts.tv_sec = left // 1000000000
+                ts.tv_nsec = left % 1000000000
+                kif_futex_wait(&self.l.wake_seq, seq, &ts)
+            else:
+                kif_futex_wait(&self.l.wake_seq, seq, NULL)
+            kif_sub32(&self.l.waiters, 1)
+            if deliverable(self.l) >= 0:
+                return True
+        return False
+
+    def wait(self, timeout=None, poll_ns=0):
+        """Block like HLT until an interrupt is deliverable; False on timeout or VM close.
+
+        ``timeout`` in seconds (None = forever); ``poll_ns`` spins that long before sleeping.
+        Runs without the GIL; wakes within ~50 ms for signals (KeyboardInterrupt).
+        """
+        cdef int64_t chunk = 50000000, total, t
+        cdef uint64_t poll = poll_ns
+        cdef bint got
+        total = -1 if timeout is None else <int64_t>(float(timeout) * 1e9)
+        while True:
+            t = chunk if (total < 0 or total > chunk) else total
+            with nogil:
+                got = self._wait(t, poll)
+            if got:
+                return True
+            if kif_load32(&self.l.shutdown):
+                return False
+            if total >= 0:
+                total -= t
+                if total <= 0:
+                    return False
+            PyErr_CheckSignals()
+            poll = 0
+
+    def ack(self):
+        """INTA: move the deliverable vector from IRR to ISR and return it, or None.  O(1)."""
+        cdef int v
+        cdef uint32_t bit
+        while True:
+            v = deliverable(self.l)
+            if v < 0:
+                return None
+            bit = 1u << (v & 31)
+            if kif_and32(&self.l.irr[v >> 5], ~bit) & bit:   # we won the bit
+                kif_or32(&self.l.isr[v >> 5], bit)
+                return v
+
+    def eoi(self):
+        """EOI: end the highest in-service vector.  Returns (vector, level_triggered) or None."""
+        cdef int v = highest_bit(self.l.isr)
+        cdef uint32_t bit
+        if v < 0:
+            return None
+        bit = 1u << (v & 31)
+        kif_and32(&self.l.isr[v >> 5], ~bit)
+        return v, bool(kif_load32(&self.l.tmr[v >> 5]) & bit)
+
+    def take_nmi(self):
+        """Consume one pending NMI; True if there was one."""
+        cdef uint32_t n
+        while True:
+            n = kif_load32(&self.l.nmi_pending)
+            if n == 0:
+                return False
+            if kif_cas32(&self.l.nmi_pending, n, n - 1):
+                return True
+
+    @property
+    def nmi_pending(self):
+        return kif_load32(&self.l.nmi_pending)
+
+    def shutdown(self):
+        """Wake every sleeper for good (VM close)."""
+        kif_store32(&self.l.shutdown, 1)
+        kif_add32(&self.l.wake_seq, 1)
+        kif_futex_wake(&self.l.wake_seq, 0x7fffffff)
+
+
+cdef class ApicBus:
+    """The set of LAPICs an interrupt message can reach.  Adding is safe while delivering."""
+
+    def __cinit__(self):
+        memset(&self.bus, 0, sizeof(apic_bus_t))
+        self._owners = []
+
+    def add(self, Lapic lapic not None):
+        cdef uint32_t n = self.bus.nr
+        if n >= MAX_VCPUS:
+            raise ValueError(f"at most {MAX_VCPUS} vCPUs")
+        self.bus.lapics[n] = lapic.l
+        self._owners.append(lapic)           # keeps the LAPIC memory alive as long as the bus
+        kif_store32(&self.bus.nr, n + 1)     # publish after the slot is filled
+
+    def __len__(self):
+        return self.bus.nr
+
+    def deliver(self, uint64_t route):
+        """Deliver one decoded MSI route word; KVM's return (-1 no destination, else accepted)."""
+        cdef int r
+        with nogil:
+            r = apic_bus_deliver(&self.bus, route)
+        return r

@@ -1,0 +1,160 @@
+"""irqfds as the control plane sees them: eventfd identity, the tree index, route words, resamplers.
+
+KVM identifies an irqfd by its eventfd (the ``struct eventfd_ctx``), not by the fd number: a
+``dup()`` of an assigned eventfd is the same eventfd, and since KVM's wait entry became an
+exclusive priority waiter an eventfd may feed only one irqfd in the whole system.  Userspace
+sees that identity as ``eventfd-id`` in ``/proc/self/fdinfo/FD``; we key everything on it.
+"""
+
+import errno
+import os
+import re
+import threading
+
+from sortedcontainers import SortedDict
+
+from . import uapi
+from ._engine import IrqfdRecord
+
+# -- route words (the engine's view of a routing entry; layout in _lapic.pxd) ------------------
+ROUTE_NONE = 0
+ROUTE_MSI = 1
+ROUTE_SLOW = 2
+
+
+def msi_route_word(msg):
+    """Pack a decoded MSI (``arch.x86.MsiMessage``) into the engine's 64-bit route word."""
+    return (msg.vector & 0xFF
+            | (msg.delivery_mode & 7) << 8
+            | int(bool(msg.dest_logical)) << 11
+            | int(bool(msg.level_trigger)) << 12
+            | ROUTE_MSI << 13
+            | (msg.dest_id & 0xFFFFFFFF) << 32)
+
+
+SLOW_ROUTE_WORD = ROUTE_SLOW << 13
+NO_ROUTE_WORD = ROUTE_NONE << 13
+
+
+# -- eventfd identity ---------------------------------------------------------------------------
+_EVENTFD_ID = re.compile(rb"^eventfd-id:\s*(\d+)", re.M)
+
+
+def eventfd_key(fd):
+    """The identity of the eventfd behind ``fd``: equal for dup()s, unique while it is open.
+
+    Raises TypeError for a non-int, OSError(EBADF) for a closed fd and OSError(EINVAL) for an fd
+    that is not an eventfd (what KVM_IRQFD returns).  O(1): one read of /proc/self/fdinfo.
+    """
+    if not isinstance(fd, int) or isinstance(fd, bool):
+        raise TypeError(f"eventfd must be an int file descriptor, not {type(fd).__name__}")
+    if fd < 0:
+        raise OSError(errno.EBADF, f"fd {fd}: Bad file descriptor")
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+            info = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        raise OSError(errno.EBADF, f"fd {fd}: Bad file descriptor") from None
+    m = _EVENTFD_ID.search(info)
+    if m:
+        return int(m.group(1))
+    if b"eventfd-count" in info:          # kernels before eventfd-id: the fd number is all we have
+        return ("fd", fd)
+    raise OSError(errno.EINVAL, f"fd {fd} is not an eventfd")
+
+
+def eventfd_count(fd):
+    """The eventfd's counter, read without consuming it (from fdinfo)."""
+    with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+        m = re.search(rb"^eventfd-count:\s*([0-9a-fA-F]+)", f.read(), re.M)
+    return int(m.group(1), 16) if m else 0
+
+
+class _Claims:
+    """Process-wide: which eventfds feed an irqfd (any VM).  A second claim is EBUSY."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._owners = {}
+
+    def claim(self, key, owner):
+        with self._lock:
+            if key in self._owners:
+                raise OSError(errno.EBUSY, "eventfd is already assigned to an irqfd")
+            self._owners[key] = owner
+
+    def release(self, key, owner):
+        with self._lock:
+            if self._owners.get(key) is owner:
+                del self._owners[key]
+
+
+CLAIMS = _Claims()
+
+
+class IrqfdIndex:
+    """The VM's irqfds, ordered by eventfd identity (a sorted tree, never a list walk).
+
+    ``add``, ``pop`` and ``get`` are O(log n); iteration is in key order.
+    """
+
+    def __init__(self):
+        self._tree = SortedDict()
+
+    def get(self, key):
+        """The record for ``key`` or None.  O(log n)."""
+        return self._tree.get(key)
+
+    def add(self, record):
+        """Insert ``record`` under ``record.key``.  O(log n)."""
+        self._tree[record.key] = record
+
+    def pop(self, key):
+        """Remove and return the record for ``key``.  O(log n)."""
+        return self._tree.pop(key)
+
+    def legacy(self):
+        """Records bound to a GSI, in key order.  O(n)."""
+        return [r for r in self._tree.values() if not r.direct]
+
+    def __len__(self):
+        return len(self._tree)
+
+    def __iter__(self):
+        return iter(list(self._tree.values()))
+
+
+class Resampler:
+    """KVM's irqfd resampler: one per level line, shared by the irqfds that assert it.
+
+    The line is asserted with the resampler's IRQ source id when an irqfd fires; when the guest
+    EOIs the line's vector, ``acked()`` lowers it and signals every resamplefd so each device can
+    re-assert if it still needs service.
+    """
+
+    def __init__(self, line):
+        self.line = line                 # ("gsi", n) or ("pin", irqchip, pin)
+        self.resamplefds = []            # our own dup()s, closed when the resampler goes
+
+    def add(self, fd):
+        self.resamplefds.append(os.dup(fd))
+
+    def remove(self, fd_dup):
+        self.resamplefds.remove(fd_dup)
+        os.close(fd_dup)
+
+    def signal(self):
+        for fd in self.resamplefds:
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError:
+                pass                     # a full counter or a closed peer: KVM ignores it too
+
+    def close(self):
+        for fd in self.resamplefds:
+            os.close(fd)
+        self.resamplefds = []
+
+
+def new_record(fd, key, gsi=None, entry=None, direct=False):
+    return IrqfdRecord(fd, key, gsi, entry, direct)

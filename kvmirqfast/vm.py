@@ -1,0 +1,613 @@
+"""Vm and Vcpu: the Python control plane over the native engine.
+
+Data flow: a device writes an eventfd -> the engine thread (``_engine``) takes the wakeup from
+epoll, finds the irqfd record in the registration's data, and delivers its route into a LAPIC
+(``_lapic``) -> a vCPU thread blocked in ``Vcpu.wait_interrupt`` wakes, ``ack``s and ``eoi``s.
+Routes that need the interrupt controllers (PIC/IOAPIC, resamplers) go through the deferred
+worker, a Python thread, as KVM's ``irqfd_inject`` goes through a workqueue.
+
+Locking: ``Vm._lock`` serialises the control plane (irqfd index, routing table, PIC/IOAPIC,
+resamplers) and the deferred worker's injections.  The engine never takes it.
+"""
+
+import errno
+import os
+import sys
+import threading
+import traceback
+
+from . import uapi
+from ._engine import Engine
+from ._lapic import ApicBus, Lapic
+from .arch import get_arch
+from .irqfd import (CLAIMS, NO_ROUTE_WORD, SLOW_ROUTE_WORD, IrqfdIndex, Resampler, eventfd_count,
+                    eventfd_key, msi_route_word, new_record)
+from .routing import GsiRoutingTable, InvalidRouting, IrqchipEntry, MsiEntry
+
+KVM_USERSPACE_IRQ_SOURCE_ID = 0
+KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID = 1
+MAX_VCPUS = 256          # ApicBus capacity; reported as KVM_CAP_MAX_VCPUS
+MAX_VCPU_ID = 4096       # KVM_MAX_VCPU_IDS on x86
+
+
+def _fd_arg(value, name):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int file descriptor, not {type(value).__name__}")
+    return value
+
+
+class Vcpu:
+    """One vCPU: its LAPIC, and the guest's side of interrupt handling (HLT, INTA, EOI)."""
+
+    def __init__(self, vm, vcpu_id, lapic):
+        self._vm = vm
+        self.id = vcpu_id
+        self.lapic = lapic          # None when the VM has no in-kernel irqchip (as KVM)
+
+    def _need_lapic(self):
+        if self.lapic is None:
+            raise RuntimeError(f"vCPU {self.id} has no in-kernel LAPIC: create the irqchip "
+                               "before the vCPUs")
+        return self.lapic
+
+    def pending(self):
+        """Vectors pending in the LAPIC IRR, ascending.  O(256)."""
+        return self._need_lapic().irr()
+
+    def in_service(self):
+        """Vectors in service (ISR), ascending.  O(256)."""
+        return self._need_lapic().isr()
+
+    def wait_interrupt(self, timeout=None, poll_ns=None):
+        """Block, like HLT, until an interrupt is deliverable; True if one is, False on timeout.
+
+        Runs without the GIL.  ``poll_ns`` (default: the VM's ``poll_ns``) spins that long
+        before sleeping, like KVM's halt-polling.  Returns False if the VM is closed.
+        """
+        lapic = self._need_lapic()
+        return lapic.wait(timeout, self._vm.poll_ns if poll_ns is None else poll_ns)
+
+    def ack(self):
+        """Acknowledge (INTA): move the highest deliverable vector from IRR to ISR; return it.
+
+        Returns None if nothing is deliverable.  O(1).
+        """
+        return self._need_lapic().ack()
+
+    def eoi(self):
+        """End of interrupt for the highest in-service vector; return it (None if none).
+
+        A level-triggered vector is broadcast to the IOAPIC, which clears remote IRR, runs the
+        pin's ack notifiers (irqfd resamplers) and re-delivers a line that is still high.
+        """
+        r = self._need_lapic().eoi()
+        if r is None:
+            return None
+        vector, level = r
+        if level or self._vm._resamplers:      # the vectors KVM forwards to the IOAPIC
+            self._vm._lapic_eoi(vector, level)
+        return vector
+
+    def take_nmi(self):
+        """Consume a pending NMI; True if there was one."""
+        return self._need_lapic().take_nmi()
+
+    def ioctl(self, request, arg=0, mutate_flag=True):
+        """``fcntl.ioctl`` on this vCPU fd: KVM_GET_LAPIC, KVM_SET_LAPIC, KVM_GET/SET_MP_STATE."""
+        from .ioctl import vcpu_ioctl
+        return vcpu_ioctl(self, request, arg, mutate_flag)
+
+    def __repr__(self):
+        return f"<Vcpu {self.id} pending={self.pending() if self.lapic else None}>"
+
+
+class Vm:
+    """An in-process VM with KVM's irqfd, GSI routing and the KVM_IRQFD_DIRECT proposal.
+
+    ``Vm(arch="x86", irqchip=False, poll_ns=0)``: like ``KVM_CREATE_VM``, the VM starts without
+    an interrupt controller; call ``create_irqchip()`` (or pass ``irqchip=True``) before vCPUs.
+    Use as a context manager; ``close()`` stops the engine and releases every fd and thread.
+    """
+
+    def __init__(self, arch="x86", *, irqchip=False, poll_ns=0):
+        self.arch = get_arch(arch)
+        self._lock = threading.RLock()
+        self._closed = False
+        self._bus = ApicBus()
+        self._engine = Engine(self._bus)
+        self._index = IrqfdIndex()
+        self._graveyard = set()       # deassigned records still on the deferred list
+        self._resamplers = {}         # line -> Resampler
+        self._vcpus = {}
+        self._routing = GsiRoutingTable.build([], self.arch)
+        self._irqchip = False
+        self._pic = self._ioapic = None
+        self._errors = []
+        self.on_error = None          # callable(exc) for errors in deferred delivery
+        self._lapic_image = {}        # vcpu id -> the KVM_SET_LAPIC image (unmodelled registers)
+        self._engine.poll_ns = int(poll_ns)
+        self._engine.start()
+        self._worker = threading.Thread(target=self._deferred_worker, name="kvmirqfast-deferred",
+                                        daemon=True)
+        self._worker.start()
+        if irqchip:
+            self.create_irqchip()
+
+    # -- lifetime ------------------------------------------------------------------------------
+    def close(self):
+        """Stop the engine and the deferred worker, detach every irqfd, wake sleeping vCPUs.
+
+        Idempotent.  After it returns no thread of this VM runs and no fd of it is open.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for r in self._index:
+                self._engine.unregister(r)
+                CLAIMS.release(r.key, self)
+            self._index = IrqfdIndex()
+            self._engine.close()
+            for res in self._resamplers.values():
+                res.close()
+            self._resamplers = {}
+            for v in self._vcpus.values():
+                if v.lapic is not None:
+                    v.lapic.shutdown()
+        if self._worker is not threading.current_thread():
+            self._worker.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def _check_open(self):
+        if self._closed:
+            raise ValueError("operation on a closed Vm")
+
+    @property
+    def poll_ns(self):
+        """Halt-polling window in ns for the engine and for ``wait_interrupt`` (0 = off)."""
+        return self._engine.poll_ns
+
+    @poll_ns.setter
+    def poll_ns(self, value):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError("poll_ns must be a non-negative int")
+        self._engine.poll_ns = value
+
+    # -- irqchip and vCPUs ---------------------------------------------------------------------
+    @property
+    def has_irqchip(self):
+        return self._irqchip
+
+    def create_irqchip(self):
+        """KVM_CREATE_IRQCHIP: PIC + IOAPIC (x86) and the default routing table.
+
+        OSError(EEXIST) if it exists, OSError(EINVAL) once vCPUs exist, as KVM.
+        """
+        with self._lock:
+            self._check_open()
+            if self._irqchip:
+                raise OSError(errno.EEXIST, "irqchip already created")
+            if self._vcpus:
+                raise OSError(errno.EINVAL, "irqchip must be created before vCPUs")
+            if self.arch.name == "x86":
+                from .ioapic import Ioapic
+                from .pic import Pic
+                self._pic = Pic()
+                self._ioapic = Ioapic(self._ioapic_deliver)
+                for pin in range(uapi.KVM_IOAPIC_NUM_PINS):
+                    self._ioapic.add_ack_notifier(pin, self._make_ack_notifier(pin))
+            self._irqchip = True
+            self._install_routing(GsiRoutingTable.build(self.arch.default_routing_pairs(),
+                                                        self.arch))
+
+    def create_vcpu(self, vcpu_id, *, lapic_enabled=True):
+        """KVM_CREATE_VCPU.  Returns a ``Vcpu``.
+
+        ``lapic_enabled`` (default True) software-enables the LAPIC (SPIV bit 8) as a guest OS
+        does at boot; False leaves KVM's reset state, in which fixed interrupts are dropped.
+        OSError(EEXIST) for a duplicate id, OSError(EINVAL) for an id >= 4096 or too many vCPUs.
+        """
+        if not isinstance(vcpu_id, int) or isinstance(vcpu_id, bool):
+            raise TypeError(f"vcpu_id must be an int, not {type(vcpu_id).__name__}")
+        with self._lock:
+            self._check_open()
+            if not 0 <= vcpu_id < MAX_VCPU_ID:
+                raise OSError(errno.EINVAL, f"vcpu id {vcpu_id} out of range 0..{MAX_VCPU_ID - 1}")
+            if vcpu_id in self._vcpus:
+                raise OSError(errno.EEXIST, f"vcpu {vcpu_id} exists")
+            if len(self._vcpus) >= MAX_VCPUS:
+                raise OSError(errno.EINVAL, f"at most {MAX_VCPUS} vCPUs")
+            lapic = None
+            if self._irqchip and self.arch.name == "x86":
+                lapic = Lapic(vcpu_id)
+                if lapic_enabled:
+                    lapic.spiv = 0x1FF
+                self._bus.add(lapic)
+            vcpu = Vcpu(self, vcpu_id, lapic)
+            self._vcpus[vcpu_id] = vcpu
+            return vcpu
+
+    @property
+    def vcpus(self):
+        return dict(self._vcpus)
+
+    # -- routing -------------------------------------------------------------------------------
+    @property
+    def gsi_routing(self):
+        """The routing table in force (an immutable ``GsiRoutingTable``)."""
+        return self._routing
+
+    def set_gsi_routing(self, entries):
+        """KVM_SET_GSI_ROUTING: replace the whole table with ``entries`` ((gsi, entry) pairs).
+
+        Validation is the arch's (``InvalidRouting``, a ValueError with ``.errno``); a rejected
+        table leaves the old one in force.  Legacy irqfds are retargeted before this returns:
+        an event written before the call goes to the old route, one written after to the new.
+        O(table + legacy irqfds).
+        """
+        table = GsiRoutingTable.build(entries, self.arch)
+        self.install_gsi_routing(table)
+
+    def install_gsi_routing(self, table):
+        """Install an already-validated ``GsiRoutingTable`` (see ``set_gsi_routing``)."""
+        with self._lock:
+            self._check_open()
+            if not self._irqchip:
+                raise OSError(errno.EINVAL, "KVM_SET_GSI_ROUTING needs an in-kernel irqchip")
+            self._install_routing(table)
+
+    def _install_routing(self, table):
+        old = self._routing
+        for r in self._index.legacy():           # KVM's irqfd_update() for every irqfd
+            word = self._gsi_route_word(table, r.gsi)
+            if word != r.route and self._engine.drain_and_set_route(r, word):
+                self._inject_gsi(old, r)       # an event drained for the old slow route
+        self._routing = table
+
+    def _gsi_route_word(self, table, gsi):
+        entries = table.entries_for(gsi) if gsi < uapi.KVM_MAX_IRQ_ROUTES else ()
+        if not entries:
+            return NO_ROUTE_WORD
+        if len(entries) == 1 and isinstance(entries[0], MsiEntry) and self.arch.name == "x86":
+            e = entries[0]
+            return msi_route_word(self.arch.decode_msi(e.address_lo, e.address_hi, e.data))
+        return SLOW_ROUTE_WORD                  # irqchip pins, or several entries: the worker
+
+    def _entry_route_word(self, entry):
+        if isinstance(entry, MsiEntry) and self.arch.name == "x86":
+            return msi_route_word(self.arch.decode_msi(entry.address_lo, entry.address_hi,
+                                                       entry.data))
+        return SLOW_ROUTE_WORD
+
+    # -- legacy irqfd (KVM_IRQFD) --------------------------------------------------------------
+    def irqfd(self, eventfd, gsi, resamplefd=None):
+        """KVM_IRQFD: deliver GSI ``gsi`` whenever ``eventfd`` is written.
+
+        The GSI's route is looked up in the routing table (now and after every table change);
+        a GSI without a route delivers nothing until one appears.  With ``resamplefd`` the line
+        is level-triggered: asserted until the guest EOIs it, then lowered and ``resamplefd``
+        signalled.  Errors (OSError, KVM's errno): EINVAL without an irqchip or for an fd that
+        is not an eventfd, EBADF for a closed fd, EBUSY if the eventfd already feeds an irqfd
+        (in any Vm; a dup()ed fd is the same eventfd).  O(log n).
+        """
+        _fd_arg(eventfd, "eventfd")
+        if not isinstance(gsi, int) or isinstance(gsi, bool):
+            raise TypeError(f"gsi must be an int, not {type(gsi).__name__}")
+        if not 0 <= gsi <= 0xFFFFFFFF:
+            raise ValueError(f"gsi {gsi} out of u32 range")
+        with self._lock:
+            self._check_open()
+            self._check_irqfd_allowed(resamplefd)
+            return self._assign(eventfd, resamplefd, gsi=gsi,
+                                word=self._gsi_route_word(self._routing, gsi))
+
+    def irqfd_deassign(self, eventfd, gsi):
+        """KVM_IRQFD with DEASSIGN: detach the irqfd bound to (``eventfd``, ``gsi``).
+
+        Returns True if one was detached; an unknown pair is not an error (as KVM).  After it
+        returns, the eventfd delivers nothing.  OSError(EBADF/EINVAL) for a bad fd.  O(log n).
+        """
+        _fd_arg(eventfd, "eventfd")
+        key = eventfd_key(eventfd)
+        with self._lock:
+            self._check_open()
+            r = self._index.get(key)
+            if r is None or r.direct or r.gsi != gsi:
+                return False
+            self._detach(r)
+            return True
+
+    # -- direct irqfd (KVM_IRQFD_DIRECT) -------------------------------------------------------
+    def irqfd_direct(self, eventfd, entry, resamplefd=None):
+        """KVM_IRQFD_DIRECT: bind ``eventfd`` straight to a routing ``entry``; no GSI, no table.
+
+        ``entry`` (``MsiEntry`` or ``IrqchipEntry``) is validated by the arch's routing rules
+        (``InvalidRouting`` otherwise) and embedded in the irqfd: an MSI is delivered by the
+        engine thread with no table lookup.  Not limited by the 4096-entry routing table.
+        Same fd errors as ``irqfd``.  O(log n).
+        """
+        _fd_arg(eventfd, "eventfd")
+        self._check_entry(entry)
+        with self._lock:
+            self._check_open()
+            self._check_irqfd_allowed(resamplefd)
+            return self._assign(eventfd, resamplefd, entry=entry,
+                                word=self._entry_route_word(entry))
+
+    def irqfd_direct_modify(self, eventfd, entry):
+        """Retarget a direct irqfd to ``entry``, named by its eventfd alone.
+
+        Events written before the call go to the old target, events written after it to the
+        new one; none is lost.  OSError(ENOENT) if ``eventfd`` has no direct irqfd.
+        O(log n) + one engine grace period.
+        """
+        _fd_arg(eventfd, "eventfd")
+        self._check_entry(entry)
+        key = eventfd_key(eventfd)
+        with self._lock:
+            self._check_open()
+            r = self._index.get(key)
+            if r is None or not r.direct:
+                raise OSError(errno.ENOENT, f"eventfd {eventfd} has no direct irqfd")
+            if isinstance(entry, IrqchipEntry) != isinstance(r.entry, IrqchipEntry) and \
+                    r.resampler is not None:
+                raise OSError(errno.EINVAL, "a resampling irqfd keeps its irqchip line")
+            old = r.entry
+            if self._engine.drain_and_set_route(r, self._entry_route_word(entry)):
+                self._inject_entry(old, r)
+            r.entry = entry
+
+    def irqfd_direct_deassign(self, eventfd):
+        """Detach the direct irqfd of ``eventfd``; True if there was one.  O(log n)."""
+        _fd_arg(eventfd, "eventfd")
+        key = eventfd_key(eventfd)
+        with self._lock:
+            self._check_open()
+            r = self._index.get(key)
+            if r is None or not r.direct:
+                return False
+            self._detach(r)
+            return True
+
+    def irqfd_count(self):
+        """Assigned irqfds (legacy and direct).  O(1)."""
+        return len(self._index)
+
+    # -- assign / detach (shared) --------------------------------------------------------------
+    def _check_irqfd_allowed(self, resamplefd):
+        if not self._irqchip:
+            raise OSError(errno.EINVAL, "irqfds need an in-kernel irqchip")
+        if self.arch.name != "x86":
+            raise NotImplementedError(f"{self.arch.name}: routing is validated, but the "
+                                      "delivery model is x86 only for now")
+        if resamplefd is not None:
+            _fd_arg(resamplefd, "resamplefd")
+
+    def _check_entry(self, entry):
+        if not isinstance(entry, (IrqchipEntry, MsiEntry)):
+            raise TypeError(f"entry must be an IrqchipEntry or MsiEntry, not {type(entry).__name__}")
+        self.arch.validate_entry(entry)
+
+    def _assign(self, eventfd, resamplefd, *, word, gsi=None, entry=None):
+        key = eventfd_key(eventfd)
+        if resamplefd is not None:
+            eventfd_key(resamplefd)             # EBADF / EINVAL as KVM
+        if self._index.get(key) is not None:
+            raise OSError(errno.EBUSY, "eventfd is already assigned to an irqfd")
+        CLAIMS.claim(key, self)
+        r = new_record(eventfd, key, gsi=gsi, entry=entry, direct=entry is not None)
+        self._engine.set_route(r, word)
+        try:
+            if eventfd_count(eventfd):
+                r.mark_pending_at_assign()
+            self._engine.register(r)
+        except BaseException:
+            CLAIMS.release(key, self)
+            raise
+        if resamplefd is not None:
+            self._attach_resampler(r, resamplefd)
+        self._index.add(r)
+        return r
+
+    def _detach(self, r):
+        self._engine.unregister(r)
+        self._index.pop(r.key)
+        CLAIMS.release(r.key, self)
+        if r.inject_pending:
+            self._graveyard.add(r)              # the worker drops it when it pops it
+        if r.resampler is not None:
+            res = r.resampler
+            res.remove(r.resamplefd)
+            r.resampler = None
+            if not res.resamplefds:             # last user: lower the line, as KVM does
+                del self._resamplers[res.line]
+                self._set_line(res.line, KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID, 0)
+
+    def _attach_resampler(self, r, resamplefd):
+        line = ("gsi", r.gsi) if not r.direct else ("entry", r.entry)
+        res = self._resamplers.get(line)
+        if res is None:
+            res = self._resamplers[line] = Resampler(line)
+        res.add(resamplefd)
+        r.resampler = res
+        r.resamplefd = res.resamplefds[-1]
+
+    # -- injection (slow path and KVM_IRQ_LINE / KVM_SIGNAL_MSI) -------------------------------
+    def _deferred_worker(self):
+        # irqfd_inject: runs the routes the engine could not deliver in its own thread.
+        while True:
+            records = self._engine.take_deferred()
+            if not records:
+                if self._engine_closed():
+                    return
+                continue
+            with self._lock:
+                for r in records:
+                    r.clear_inject_pending()
+                    if r.dead:
+                        self._graveyard.discard(r)
+                        continue
+                    try:
+                        if r.direct:
+                            self._inject_entry(r.entry, r)
+                        else:
+                            self._inject_gsi(self._routing, r)
+                    except Exception as exc:      # reported, and the engine carries on
+                        self._report_error(exc)
+
+    def _engine_closed(self):
+        return self._closed
+
+    def _report_error(self, exc):
+        self._errors.append(exc)
+        handler = self.on_error
+        if handler is not None:
+            try:
+                handler(exc)
+                return
+            except Exception:
+                pass
+        print("kvmirqfast: error in deferred interrupt delivery:", file=sys.stderr)
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+
+    @property
+    def errors(self):
+        """Exceptions raised in deferred delivery so far (also passed to ``on_error``)."""
+        return list(self._errors)
+
+    def _inject_gsi(self, table, r):
+        if r.resampler is not None:
+            self._set_irq(table, r.gsi, KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID, 1)
+        else:
+            self._set_irq(table, r.gsi, KVM_USERSPACE_IRQ_SOURCE_ID, 1)
+            self._set_irq(table, r.gsi, KVM_USERSPACE_IRQ_SOURCE_ID, 0)
+
+    def _inject_entry(self, entry, r):
+        if r.resampler is not None:
+            self._set_entry(entry, KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID, 1)
+        else:
+            self._set_entry(entry, KVM_USERSPACE_IRQ_SOURCE_ID, 1)
+            self._set_entry(entry, KVM_USERSPACE_IRQ_SOURCE_ID, 0)
+
+    def _set_irq(self, table, gsi, source, level, line_status=False):
+        # kvm_set_irq: every entry of the GSI; the result sums the non-negative ones, -1 if none.
+        ret = -1
+        for entry in table.entries_for(gsi) if 0 <= gsi < uapi.KVM_MAX_IRQ_ROUTES else ():
+            r = self._set_entry(entry, source, level, line_status)
+            if r >= 0:
+                ret = r + max(ret, 0)
+        return ret
+
+    def _set_entry(self, entry, source, level, line_status=False):
+        if isinstance(entry, MsiEntry):
+            if not level:
+                return -1
+            msg = self.arch.decode_msi(entry.address_lo, entry.address_hi, entry.data)
+            return self._engine.deliver(msi_route_word(msg))
+        if isinstance(entry, IrqchipEntry):
+            if entry.irqchip == uapi.KVM_IRQCHIP_IOAPIC:
+                return self._ioapic.set_irq(entry.pin, source, level, line_status)
+            irq = entry.pin + (8 if entry.irqchip == uapi.KVM_IRQCHIP_PIC_SLAVE else 0)
+            return self._pic.set_irq(irq, source, level)
+        return -1
+
+    def _set_line(self, line, source, level):
+        if line[0] == "gsi":
+            return self._set_irq(self._routing, line[1], source, level)
+        return self._set_entry(line[1], source, level)
+
+    def _ioapic_deliver(self, dest_id, dest_logical, delivery_mode, level_trigger, vector):
+        word = (vector & 0xFF | (delivery_mode & 7) << 8 | int(dest_logical) << 11
+                | int(level_trigger) << 12 | 1 << 13 | (dest_id & 0xFFFFFFFF) << 32)
+        return self._engine.deliver(word)
+
+    def _make_ack_notifier(self, pin):
+        def acked():
+            self._ioapic_acked(pin)
+        return acked
+
+    def _ioapic_acked(self, pin):
+        # kvm_notify_acked_irq: resamplers on the GSI(s) routed to this pin, and direct ones.
+        lines = [("entry", IrqchipEntry(uapi.KVM_IRQCHIP_IOAPIC, pin))]
+        gsi = self._routing.irqchip_gsi(uapi.KVM_IRQCHIP_IOAPIC, pin)
+        if gsi is not None:
+            lines.append(("gsi", gsi))
+        for line in lines:
+            res = self._resamplers.get(line)
+            if res is not None:                 # irqfd_resampler_ack
+                self._set_line(line, KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID, 0)
+                res.signal()
+
+    def _lapic_eoi(self, vector, level):
+        with self._lock:
+            if self._ioapic is not None:
+                self._ioapic.eoi(vector, level)
+
+    def signal_msi(self, address_lo, address_hi=0, data=0, devid=None):
+        """KVM_SIGNAL_MSI: deliver one MSI now.  Returns how many LAPICs accepted it (0 if none).
+
+        OSError(EINVAL) without an irqchip.  O(vCPUs).
+        """
+        entry = MsiEntry(address_lo, address_hi, data, devid)
+        with self._lock:
+            self._check_open()
+            if not self._irqchip:
+                raise OSError(errno.EINVAL, "KVM_SIGNAL_MSI needs an in-kernel irqchip")
+            return max(0, self._set_entry(entry, KVM_USERSPACE_IRQ_SOURCE_ID, 1))
+
+    def irq_line(self, gsi, level, *, line_status=False):
+        """KVM_IRQ_LINE: drive GSI ``gsi`` to ``level`` through its routes; returns KVM's status.
+
+        Status: -1 no route (or masked), 0 coalesced, > 0 delivered.  OSError(ENXIO) without an
+        irqchip.
+        """
+        if not isinstance(gsi, int) or isinstance(gsi, bool):
+            raise TypeError(f"gsi must be an int, not {type(gsi).__name__}")
+        with self._lock:
+            self._check_open()
+            if not self._irqchip:
+                raise OSError(errno.ENXIO, "KVM_IRQ_LINE needs an in-kernel irqchip")
+            return self._set_irq(self._routing, gsi, KVM_USERSPACE_IRQ_SOURCE_ID, int(bool(level)),
+                                 line_status)
+
+    @property
+    def ioapic(self):
+        """The IOAPIC model (x86, after create_irqchip), e.g. to program redirection entries."""
+        return self._ioapic
+
+    @property
+    def pic(self):
+        return self._pic
+
+    # -- statistics ------------------------------------------------------------------------------
+    def stats(self):
+        """Engine counters (events, delivered, deferred, batches, cpu_ns, ...) and sizes."""
+        s = self._engine.stats()
+        s["irqfds"] = len(self._index)
+        s["deferred_errors"] = len(self._errors)
+        return s
+
+    # -- uAPI --------------------------------------------------------------------------------------
+    def ioctl(self, request, arg=0, mutate_flag=True):
+        """``fcntl.ioctl`` on this VM fd: same request numbers, byte layouts, returns and errnos."""
+        from .ioctl import vm_ioctl
+        return vm_ioctl(self, request, arg, mutate_flag)
+
+    def __repr__(self):
+        return (f"<Vm arch={self.arch.name} vcpus={len(self._vcpus)} irqfds={len(self._index)}"
+                f"{' closed' if self._closed else ''}>")
