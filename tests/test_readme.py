@@ -19,3 +19,10 @@ def test_ci_runs_the_readme_test_command_verbatim():
     test_cmd = next(c for c in _readme_commands() if "pytest" in c)
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_cmd in ci
+
+
+def test_readme_usage_example_runs():
+    (example,) = re.findall(r"```python\n(.+?)```", (ROOT / "README.md").read_text(), re.S)
+    namespace = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["vector"] == 0x41
