@@ -268,7 +268,7 @@ cdef class Engine:
         Returns True if epoll still held the registration (False if its fd was already closed).
         """
         cdef int rc = 0
-        kif_store32(&r.rec.flags, kif_load32(&r.rec.flags) | IRQFD_DEAD)
+        kif_or32(&r.rec.flags, IRQFD_DEAD)
         if not self.closed:
             rc = epoll_ctl(self.e.epfd, EPOLL_CTL_DEL, r.rec.fd, NULL)
         self.synchronize()

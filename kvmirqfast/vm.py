@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import traceback
+import weakref
 
 from . import uapi
 from ._engine import Engine
@@ -28,6 +29,18 @@ KVM_USERSPACE_IRQ_SOURCE_ID = 0
 KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID = 1
 MAX_VCPUS = 256          # ApicBus capacity; reported as KVM_CAP_MAX_VCPUS
 MAX_VCPU_ID = 4096       # KVM_MAX_VCPU_IDS on x86
+
+
+def _deferred_worker(vm_ref, engine):
+    """The deferred worker thread: KVM's irqfd_inject workqueue, one per Vm."""
+    while True:
+        records = engine.take_deferred()
+        vm = vm_ref()
+        if vm is None or vm.closed:
+            return
+        if records:
+            vm._run_deferred(records)
+        del vm
 
 
 def _fd_arg(value, name):
@@ -127,8 +140,11 @@ class Vm:
         self._lapic_image = {}        # vcpu id -> the KVM_SET_LAPIC image (unmodelled registers)
         self._engine.poll_ns = int(poll_ns)
         self._engine.start()
-        self._worker = threading.Thread(target=self._deferred_worker, name="kvmirqfast-deferred",
-                                        daemon=True)
+        # The worker holds the Vm weakly, so a Vm dropped without close() is still collected
+        # (its __del__ closes the engine, which wakes the worker to exit).
+        self._worker = threading.Thread(target=_deferred_worker,
+                                        args=(weakref.ref(self), self._engine),
+                                        name="kvmirqfast-deferred", daemon=True)
         self._worker.start()
         if irqchip:
             self.create_irqchip()
@@ -143,11 +159,11 @@ class Vm:
             if self._closed:
                 return
             self._closed = True
+            self._engine.close()              # joins the engine thread: no record is in use
             for r in self._index:
-                self._engine.unregister(r)
                 CLAIMS.release(r.key, self)
             self._index = IrqfdIndex()
-            self._engine.close()
+            self._graveyard.clear()
             for res in self._resamplers.values():
                 res.close()
             self._resamplers = {}
@@ -448,30 +464,21 @@ class Vm:
         r.resamplefd = res.resamplefds[-1]
 
     # -- injection (slow path and KVM_IRQ_LINE / KVM_SIGNAL_MSI) -------------------------------
-    def _deferred_worker(self):
-        # irqfd_inject: runs the routes the engine could not deliver in its own thread.
-        while True:
-            records = self._engine.take_deferred()
-            if not records:
-                if self._engine_closed():
-                    return
-                continue
-            with self._lock:
-                for r in records:
-                    r.clear_inject_pending()
-                    if r.dead:
-                        self._graveyard.discard(r)
-                        continue
-                    try:
-                        if r.direct:
-                            self._inject_entry(r.entry, r)
-                        else:
-                            self._inject_gsi(self._routing, r)
-                    except Exception as exc:      # reported, and the engine carries on
-                        self._report_error(exc)
-
-    def _engine_closed(self):
-        return self._closed
+    def _run_deferred(self, records):
+        # irqfd_inject for the records the engine could not deliver in its own thread.
+        with self._lock:
+            for r in records:
+                r.clear_inject_pending()
+                if r.dead:
+                    self._graveyard.discard(r)
+                    continue
+                try:
+                    if r.direct:
+                        self._inject_entry(r.entry, r)
+                    else:
+                        self._inject_gsi(self._routing, r)
+                except Exception as exc:          # reported, and the engine carries on
+                    self._report_error(exc)
 
     def _report_error(self, exc):
         self._errors.append(exc)
