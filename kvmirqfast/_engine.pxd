@@ -58,5 +58,6 @@ cdef class Engine:
     cdef pthread_t thread
     cdef bint started
     cdef bint closed
+    cdef int owner_pid          # fork(): a child must not join the parent's thread
     cdef void _stop_thread(self) noexcept
     cdef void _release(self) noexcept

@@ -20,7 +20,7 @@ from cpython.ref cimport PyObject
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset
-from posix.unistd cimport usleep
+from posix.unistd cimport getpid
 
 from kvmirqfast._sys cimport *
 from kvmirqfast._lapic cimport (apic_bus_t, ApicBus, apic_bus_deliver, route_kind,
@@ -209,10 +209,14 @@ cdef class Engine:
         if pthread_create(&self.thread, NULL, engine_main, self.e) != 0:
             raise OSError(errno, "pthread_create failed")
         self.started = True
+        self.owner_pid = getpid()
 
     cdef void _stop_thread(self) noexcept:
         cdef uint64_t one = 1
         if not self.started:
+            return
+        if getpid() != self.owner_pid:          # forked child: the thread is not ours
+            self.started = False
             return
         kif_store32(&self.e.stop, 1)
         write(self.e.wakefd, &one, 8)

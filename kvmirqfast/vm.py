@@ -58,6 +58,7 @@ class Vcpu:
         self.lapic = lapic          # None when the VM has no in-kernel irqchip (as KVM)
 
     def _need_lapic(self):
+        self._vm._check_open()
         if self.lapic is None:
             raise RuntimeError(f"vCPU {self.id} has no in-kernel LAPIC: create the irqchip "
                                "before the vCPUs")
@@ -126,6 +127,7 @@ class Vm:
         self.arch = get_arch(arch)
         self._lock = threading.RLock()
         self._closed = False
+        self._pid = os.getpid()               # fork(): the child gets no engine thread
         self._bus = ApicBus()
         self._engine = Engine(self._bus)
         self._index = IrqfdIndex()
@@ -154,7 +156,12 @@ class Vm:
         """Stop the engine and the deferred worker, detach every irqfd, wake sleeping vCPUs.
 
         Idempotent.  After it returns no thread of this VM runs and no fd of it is open.
+        In a child process after fork() it only marks the Vm closed (the threads are the
+        parent's; its fds are the child's copies and close with the process).
         """
+        if self._pid != os.getpid():
+            self._closed = True
+            return
         with self._lock:
             if self._closed:
                 return
@@ -192,6 +199,9 @@ class Vm:
     def _check_open(self):
         if self._closed:
             raise ValueError("operation on a closed Vm")
+        if self._pid != os.getpid():
+            raise RuntimeError("this Vm was created before fork(); its engine thread does not "
+                               "exist in the child: create a new Vm in the child")
 
     @property
     def poll_ns(self):
