@@ -62,10 +62,11 @@ cdef inline int lapic_accept(lapic_t *l, uint32_t dm, uint32_t vector, bint leve
     if dm == DM_FIXED or dm == DM_LOWEST:
         if not (kif_load32_relaxed(&l.spiv) & SPIV_ENABLED):
             return 0
-        if level:
-            kif_or32(&l.tmr[word], bit)
-        else:
-            kif_and32(&l.tmr[word], ~bit)
+        if (kif_load32_relaxed(&l.tmr[word]) & bit) != (bit if level else 0):
+            if level:                                # TMR changes only when the trigger does
+                kif_or32(&l.tmr[word], bit)
+            else:
+                kif_and32(&l.tmr[word], ~bit)
         kif_or32(&l.irr[word], bit)
     elif dm == DM_NMI:
         kif_add32(&l.nmi_pending, 1)

@@ -118,12 +118,22 @@ class Vcpu:
 class Vm:
     """An in-process VM with KVM's irqfd, GSI routing and the KVM_IRQFD_DIRECT proposal.
 
-    ``Vm(arch="x86", irqchip=False, poll_ns=0)``: like ``KVM_CREATE_VM``, the VM starts without
+    ``Vm(arch="x86", backend="model", irqchip=False, poll_ns=0)``: ``backend="kvm"`` returns the
+    same API over a real /dev/kvm VM instead.  Like ``KVM_CREATE_VM``, the VM starts without
     an interrupt controller; call ``create_irqchip()`` (or pass ``irqchip=True``) before vCPUs.
     Use as a context manager; ``close()`` stops the engine and releases every fd and thread.
     """
 
-    def __init__(self, arch="x86", *, irqchip=False, poll_ns=0):
+    def __new__(cls, arch="x86", *, backend="model", **kw):
+        if backend == "model":
+            return super().__new__(cls)
+        if backend == "kvm":
+            from .kvm import KvmVm              # real /dev/kvm behind the same API
+            return KvmVm(arch, **kw)
+        raise ValueError(f"unknown backend {backend!r}: 'model' or 'kvm'")
+
+    def __init__(self, arch="x86", *, backend="model", irqchip=False, poll_ns=0):
+        self.backend = backend
         self.arch = get_arch(arch)
         self._lock = threading.RLock()
         self._closed = False
