@@ -1,4 +1,4 @@
-"""The ``kvmirqfast`` command: ``kvmirqfast selftest``."""
+"""The ``kvmirqfast`` command: ``kvmirqfast selftest`` and ``kvmirqfast bench``."""
 
 import argparse
 import sys
@@ -19,6 +19,11 @@ def _selftest(args):
     return 0 if report.ok else 1
 
 
+def _bench(args):
+    from .bench import main as bench_main
+    return bench_main(args)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="kvmirqfast",
                                      description="KVM irqfds in-process, with KVM_IRQFD_DIRECT")
@@ -31,6 +36,15 @@ def main(argv=None):
     st.add_argument("--no-kvm", action="store_true", help="skip the real /dev/kvm comparison")
     st.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     st.set_defaults(func=_selftest)
+    bn = sub.add_parser("bench", help="measure the design against its baselines (same run) and "
+                                      "print a table of ratios and targets")
+    bn.add_argument("--quick", action="store_true", help="smaller K and shorter runs (~30 s)")
+    bn.add_argument("--json", metavar="FILE", help="write pytest-benchmark-style JSON to FILE")
+    bn.add_argument("--plot", metavar="FILE.png", help="bar chart of the ratios (needs matplotlib)")
+    bn.add_argument("--only", metavar="FIGS", help="comma-separated subset of: flood, pyload, "
+                                                   "pingpong, retarget, assign, memory, kernel")
+    bn.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    bn.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     return args.func(args)
 

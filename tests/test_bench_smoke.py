@@ -1,0 +1,79 @@
+"""Smoke test of ``kvmirqfast bench`` in its smallest mode: rows exist and numbers are sane.
+
+No timing thresholds: whether a target is met depends on the machine, not on correctness.
+"""
+import json
+
+import pytest
+
+from kvmirqfast import bench, cli
+
+
+@pytest.fixture(scope="module")
+def result():
+    return bench.run(config=bench.Config.tiny(), only=list(bench.FIGURES), out=None)
+
+
+def _rows(res, prefix):
+    return [r for r in res.rows if r.figure.startswith(prefix)]
+
+
+def test_every_figure_has_rows(result):
+    have_c = bench.c_library()[0] is not None
+    for prefix in ("flood K=16: CPU/delivery", "flood K=64: CPU/delivery", "flood flat in K",
+                   "python load K=64", "retarget 1 of 256: direct vs table",
+                   "assign+deassign flat", "memory: native bytes/irqfd",
+                   "memory: RSS growth/irqfd"):
+        assert _rows(result, prefix), prefix
+    if have_c:
+        for prefix in ("ping-pong blocking: median", "ping-pong poll", "eventfd write K=1"):
+            assert _rows(result, prefix), prefix
+        assert {r.baseline for r in _rows(result, "flood K=16: CPU/delivery")} >= {
+            "naive C", "pure Python", "asyncio"}
+
+
+def test_numbers_are_positive(result):
+    positive = ("flood", "ping-pong", "retarget", "assign", "deassign", "eventfd write",
+                "memory: native")
+    for r in result.rows:
+        if r.figure.startswith(positive) and "avg batch" not in r.figure:
+            assert r.value is not None and r.value > 0, (r.figure, r.value)
+            if r.baseline and r.baseline_value is not None:
+                assert r.baseline_value > 0, (r.figure, r.baseline)
+                assert r.ratio > 0
+    native = _rows(result, "memory: native bytes/irqfd")[0]
+    from kvmirqfast._engine import IrqfdRecord
+    assert native.value == IrqfdRecord.native_size()
+    load = _rows(result, "python load K=64: rate loaded/idle")[0]
+    assert load.value is not None and load.value >= 0
+
+
+def test_targets_are_judged(result):
+    judged = [r for r in result.rows if r.met is not None]
+    assert judged
+    assert all(r.target for r in judged)
+
+
+def test_table_and_json(result):
+    table = bench.format_table(result)
+    assert "kvmirqfast bench (tiny" in table
+    assert "targets met:" in table
+    for r in result.rows:
+        assert r.figure in table
+    doc = json.loads(json.dumps(bench.to_json(result), default=str))
+    assert doc["machine_info"]["cpu"]["count"]
+    assert doc["benchmarks"]
+    for b in doc["benchmarks"]:
+        assert b["name"] and b["stats"]["median"] > 0 and "extra_info" in b
+
+
+def test_unknown_figure_is_refused():
+    with pytest.raises(ValueError):
+        bench.run(config=bench.Config.tiny(), only=["nope"])
+
+
+def test_plot_without_matplotlib_says_so(capsys):
+    if bench.have_matplotlib():
+        pytest.skip("matplotlib is installed")
+    assert cli.main(["bench", "--plot", "x.png"]) == 2
+    assert "matplotlib" in capsys.readouterr().err
