@@ -6,7 +6,8 @@ from kvmirqfast._lapic cimport apic_bus_t, ApicBus
 
 cdef enum:
     IRQFD_DEAD = 1          # deassigned: the engine must not touch its eventfd or route again
-    IRQFD_PENDING_AT_ASSIGN = 2   # first wakeup delivers without consuming (KVM's assign-time inject)
+    IRQFD_PENDING_AT_ASSIGN = 2   # a count found at assign was delivered: skip ADD's wakeup
+    IRQFD_UNCONSUMED = 4    # that count is still in the counter (KVM never read it)
     MAX_EVENTS = 512        # epoll_wait batch
 
 # One assigned irqfd.  The epoll registration's data.ptr points here, so a wakeup goes straight
@@ -16,7 +17,7 @@ cdef struct irqfd_t:
     uint32_t flags          # IRQFD_DEAD; atomic
     uint32_t inject_pending # on the deferred list; like schedule_work(), a second request coalesces
     int fd                  # the eventfd, as registered in epoll
-    uint32_t _pad
+    uint32_t defer_count    # deferred requests, coalesced or not (lets a retarget settle old ones)
     irqfd_t *defer_next     # deferred list link, protected by engine_t.dlock
     void *owner             # the IrqfdRecord that owns this memory (borrowed)
 
@@ -51,6 +52,8 @@ cdef class IrqfdRecord:
     cdef public object resampler
     cdef public object resamplefd
     cdef public bint direct
+    cdef public unsigned int handled       # defer_count already injected (see Vm._run_deferred)
+    cdef public unsigned long long assign_count  # counter found at assign, delivered unconsumed
 
 cdef class Engine:
     cdef engine_t *e

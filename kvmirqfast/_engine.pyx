@@ -13,7 +13,7 @@ Ordering rules, stated once:
   (and we wait for it), or it comes after our store (and the engine sees the new value).  This is
   KVM's synchronize_srcu() after an irqfd update, in a dozen lines.
 * The engine loads the route before it consumes the counter, so a write it consumes was made
-  after the route it delivers with was current (see Engine.drain_and_set_route).
+  after the route it delivers with was current (see Vm._retarget).
 """
 
 from cpython.ref cimport PyObject
@@ -50,14 +50,25 @@ cdef class IrqfdRecord:
         self.direct = direct
         self.resampler = None
         self.resamplefd = None
+        self.handled = 0
+        self.assign_count = 0
 
     @property
     def fd(self):
         return self.rec.fd
 
     @property
+    def data_ptr(self):
+        """The epoll registration's data (this record's address), as /proc fdinfo shows it."""
+        return <Py_ssize_t>&self.rec
+
+    @property
     def route(self):
         return kif_load64(&self.rec.route)
+
+    @property
+    def defer_count(self):
+        return kif_load32(&self.rec.defer_count)
 
     @property
     def dead(self):
@@ -67,8 +78,12 @@ cdef class IrqfdRecord:
     def inject_pending(self):
         return bool(kif_load32(&self.rec.inject_pending))
 
+    def mark_unconsumed(self):
+        kif_or32(&self.rec.flags, IRQFD_UNCONSUMED)
+
     def mark_pending_at_assign(self):
-        """The eventfd was already signalled at assign: deliver once without consuming it."""
+        """A count found at assign was delivered by the control plane: skip the wakeup that
+        epoll_ctl(ADD) raises for it, and do not consume it (KVM leaves it in the counter)."""
         kif_or32(&self.rec.flags, IRQFD_PENDING_AT_ASSIGN)
 
     def clear_inject_pending(self):
@@ -107,18 +122,24 @@ cdef inline void irqfd_wakeup(engine_t *e, irqfd_t *irqfd, engine_stats_t *st) n
     cdef uint32_t flags = kif_load32(&irqfd.flags)
     if flags & IRQFD_DEAD:
         return                                   # deassigned after epoll_wait returned it
-    route = kif_load64(&irqfd.route)             # before consuming: see the module docstring
     if flags & IRQFD_PENDING_AT_ASSIGN:
-        # KVM injects an event found pending at assign without reading the counter.
+        # The wakeup epoll_ctl(ADD) raised for a count found at assign: the control plane has
+        # delivered it, and KVM leaves that count in the counter.
+        kif_or32(&irqfd.flags, IRQFD_UNCONSUMED)
         kif_and32(&irqfd.flags, ~(<uint32_t>IRQFD_PENDING_AT_ASSIGN))
-    elif not consume(irqfd.fd):
+        return
+    route = kif_load64(&irqfd.route)             # before consuming: see the module docstring
+    if not consume(irqfd.fd):
         st.empty += 1
         return
+    elif flags & IRQFD_UNCONSUMED:
+        kif_and32(&irqfd.flags, ~(<uint32_t>IRQFD_UNCONSUMED))
     if route_kind(route) == ROUTE_MSI:           # kvm_arch_set_irq_inatomic
         if apic_bus_deliver(e.bus, route) < 0:
             st.no_target += 1
         st.delivered += 1
     else:                                        # -EWOULDBLOCK: irqchip lines, no route
+        kif_add32(&irqfd.defer_count, 1)
         defer_inject(e, irqfd)
         st.deferred += 1
 
@@ -239,6 +260,7 @@ cdef class Engine:
         self._stop_thread()
         pthread_mutex_lock(&self.e.dlock)
         self.e.dstop = 1
+        self.e.dhead = NULL                      # the worker will not inject these any more
         pthread_cond_broadcast(&self.e.dcond)
         pthread_mutex_unlock(&self.e.dlock)
         self._release()
@@ -266,42 +288,70 @@ cdef class Engine:
         if epoll_ctl(self.e.epfd, EPOLL_CTL_ADD, r.rec.fd, &ev) < 0:
             raise OSError(errno, os.strerror(errno))
 
-    def unregister(self, IrqfdRecord r not None):
-        """Detach a record: after this returns the engine never touches it or its eventfd.
+    def unregister(self, IrqfdRecord r not None, int fd):
+        """Detach a record through ``fd``: after True, the engine never touches it again.
 
-        Returns True if epoll still held the registration (False if its fd was already closed).
+        ``fd`` must refer to the record's eventfd under the number it was registered with;
+        epoll checks that for us (DEL fails with ENOENT otherwise) and then nothing changes
+        and False is returned.  One epoll_ctl + a grace period.
         """
-        cdef int rc = 0
+        if not self.closed and epoll_ctl(self.e.epfd, EPOLL_CTL_DEL, fd, NULL) != 0:
+            return False
+        self.kill(r)
+        return True
+
+    def kill(self, IrqfdRecord r not None):
+        """Mark a record dead without touching epoll (its registration is gone or unreachable).
+
+        Edge-triggered, a dead record that still gets wakeups never reads its eventfd, so it
+        costs a wakeup per write and nothing else.
+        """
         kif_or32(&r.rec.flags, IRQFD_DEAD)
-        if not self.closed:
-            rc = epoll_ctl(self.e.epfd, EPOLL_CTL_DEL, r.rec.fd, NULL)
         self.synchronize()
-        return rc == 0
+
+    def is_registered(self, IrqfdRecord r not None, int fd):
+        """True if ``fd`` refers to the file epoll holds under the number ``fd``.
+
+        For the record last assigned under that number, True means ``fd`` still refers to
+        its eventfd.  kcmp(KCMP_EPOLL_TFD): one system call, and unlike EPOLL_CTL_MOD it
+        does not re-arm the registration (which would re-deliver a count left unconsumed).
+        """
+        if self.closed:
+            return False
+        return kif_kcmp_epoll_tfd(fd, self.e.epfd, fd) == 0
+
+    @staticmethod
+    def same_file(int fd1, int fd2):
+        """True if the two descriptors refer to the same open file (kcmp KCMP_FILE)."""
+        return kif_kcmp_file(fd1, fd2) == 0
+
+    @property
+    def epfd(self):
+        return self.e.epfd
 
     def set_route(self, IrqfdRecord r not None, uint64_t route):
         """Replace a record's route word (one atomic store; call synchronize() afterwards)."""
         kif_store64(&r.rec.route, route)
 
-    def drain_and_set_route(self, IrqfdRecord r not None, uint64_t route):
-        """Retarget with no write lost or misdelivered across the change.  O(1) + a grace period.
+    def consume(self, int fd):
+        """Read (and so reset) the eventfd counter through ``fd`` without blocking; 0 if none.
 
-        1. synchronize(): a batch in flight finishes with the old route;
-        2. consume the counter ourselves and deliver it with the old route (events written
-           before this call belong to the old target);
-        3. store the new route and synchronize(): events consumed from now on use it.
-        Returns True if step 2 found a pending event that needs the deferred path.
+        The control plane uses it to drain an irqfd at retarget and deassign (see Vm._drain).
         """
-        cdef uint64_t old = kif_load64(&r.rec.route)
-        cdef bint slow = False
-        self.synchronize()
-        if not self.closed and consume(r.rec.fd):
-            if route_kind(old) == ROUTE_MSI:
-                apic_bus_deliver(self.e.bus, old)
-            else:
-                slow = True
-        kif_store64(&r.rec.route, route)
-        self.synchronize()
-        return slow
+        cdef uint64_t count = 0
+        cdef iovec iov
+        iov.iov_base = &count
+        iov.iov_len = 8
+        with nogil:
+            if preadv2(fd, &iov, 1, -1, RWF_NOWAIT) != 8:
+                count = 0
+        return count
+
+    def take_assign_flags(self, IrqfdRecord r not None):
+        """Clear and return (pending_at_assign, unconsumed) -- see IRQFD_PENDING_AT_ASSIGN."""
+        cdef uint32_t old = kif_and32(&r.rec.flags,
+                                      ~(<uint32_t>(IRQFD_PENDING_AT_ASSIGN | IRQFD_UNCONSUMED)))
+        return bool(old & IRQFD_PENDING_AT_ASSIGN), bool(old & IRQFD_UNCONSUMED)
 
     def synchronize(self):
         """Wait until the engine holds no record it held when this was called.  Usually O(1)."""
@@ -345,7 +395,7 @@ cdef class Engine:
                         ts.tv_sec += 1
                         ts.tv_nsec -= 1000000000
                     pthread_cond_timedwait(&self.e.dcond, &self.e.dlock, &ts)
-            head = self.e.dhead
+            head = NULL if self.e.dstop else self.e.dhead
             self.e.dhead = NULL
             pthread_mutex_unlock(&self.e.dlock)
             while head != NULL:                   # the list is LIFO: reverse it

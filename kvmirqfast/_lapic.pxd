@@ -91,30 +91,55 @@ cdef inline bint lapic_match(lapic_t *l, uint32_t dest, bint logical) noexcept n
     return (ldr >> 4) == (mda >> 4) and (ldr & mda & 0xF) != 0
 
 
+cdef inline lapic_t *lowest_priority_target(apic_bus_t *bus, uint32_t n, uint32_t dest,
+                                            bint logical, uint32_t vector) noexcept nogil:
+    """KVM's lowest-priority arbitration with vector hashing: the (vector % k)-th candidate.
+
+    Logical destinations list candidates in destination-bit order (the LAPIC whose LDR holds
+    bit 0 first, ...), as KVM's logical map does; broadcast lists them in vCPU order.
+    """
+    cdef lapic_t *cands[MAX_VCPUS]
+    cdef uint32_t k = 0, i, bit, nbits
+    cdef uint32_t ldr, cluster_model
+    if logical and dest != 0xFF:
+        cluster_model = kif_load32_relaxed(&bus.lapics[0].dfr) != ~(<uint32_t>0) if n else 0
+        nbits = 4 if cluster_model else 8
+        for bit in range(nbits):
+            if not (dest >> bit) & 1:
+                continue
+            for i in range(n):
+                if lapic_match(bus.lapics[i], (dest & 0xF0) | (1u << bit) if cluster_model
+                               else (1u << bit), True):
+                    cands[k] = bus.lapics[i]
+                    k += 1
+                    break
+    else:
+        for i in range(n):
+            if lapic_match(bus.lapics[i], dest, logical):
+                cands[k] = bus.lapics[i]
+                k += 1
+    if k == 0:
+        return NULL
+    return cands[vector % k]
+
+
 cdef inline int apic_bus_deliver(apic_bus_t *bus, uint64_t route) noexcept nogil:
     """kvm_irq_delivery_to_apic: -1 if no LAPIC matched, else how many accepted.
 
-    Lowest-priority delivery to several candidates picks one by vector hashing (KVM's default).
-    O(number of vCPUs).
+    Lowest priority picks one LAPIC (see lowest_priority_target), except that a physical
+    broadcast is delivered to all, as KVM turns it into fixed delivery.  O(vCPUs).
     """
     cdef uint32_t vector = route & 0xFF, dm = (route >> 8) & 7
     cdef bint logical = (route >> 11) & 1, level = (route >> 12) & 1
     cdef uint32_t dest = <uint32_t>(route >> 32)
-    cdef uint32_t n = kif_load32(&bus.nr), i, candidates = 0, pick
+    cdef uint32_t n = kif_load32(&bus.nr), i
+    cdef lapic_t *target
     cdef int r = -1
-    if dm == DM_LOWEST:
-        for i in range(n):
-            if lapic_match(bus.lapics[i], dest, logical):
-                candidates += 1
-        if candidates == 0:
+    if dm == DM_LOWEST and (logical or dest != 0xFF):
+        target = lowest_priority_target(bus, n, dest, logical, vector)
+        if target == NULL:
             return -1
-        pick = vector % candidates
-        for i in range(n):
-            if lapic_match(bus.lapics[i], dest, logical):
-                if pick == 0:
-                    return lapic_accept(bus.lapics[i], dm, vector, level)
-                pick -= 1
-        return -1
+        return lapic_accept(target, dm, vector, level)
     for i in range(n):
         if lapic_match(bus.lapics[i], dest, logical):
             if r < 0:

@@ -17,7 +17,7 @@ import struct
 
 from . import uapi
 from .irqfd import eventfd_key
-from .routing import GsiRoutingTable, InvalidRouting, entry_from_uapi
+from .routing import GsiRoutingTable, InvalidRouting, IrqchipEntry, MsiEntry, entry_from_uapi
 
 _IOCTL_BUFSZ = 1024
 
@@ -140,6 +140,8 @@ def _irqfd_direct(vm, a):
     gsi, entry = _call(entry_from_uapi, raw)
     if gsi != 0:
         raise _err(errno.EINVAL, "the embedded entry's gsi must be 0")
+    if not isinstance(entry, (IrqchipEntry, MsiEntry)):
+        raise _err(errno.EINVAL, f"{type(entry).__name__} routes cannot be direct here")
     if not vm.has_irqchip:
         raise _err(errno.EINVAL, "irqfd needs an in-kernel irqchip")
     if modify:

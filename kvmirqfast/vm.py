@@ -11,6 +11,7 @@ resamplers) and the deferred worker's injections.  The engine never takes it.
 """
 
 import errno
+import fcntl
 import os
 import sys
 import threading
@@ -21,7 +22,7 @@ from . import uapi
 from ._engine import Engine
 from ._lapic import ApicBus, Lapic
 from .arch import get_arch
-from .irqfd import (CLAIMS, NO_ROUTE_WORD, SLOW_ROUTE_WORD, IrqfdIndex, Resampler, eventfd_count,
+from .irqfd import (CLAIMS, NO_ROUTE_WORD, ROUTE_MSI, SLOW_ROUTE_WORD, IrqfdIndex, Resampler, eventfd_info,
                     eventfd_key, msi_route_word, new_record)
 from .routing import GsiRoutingTable, InvalidRouting, IrqchipEntry, MsiEntry
 
@@ -29,6 +30,19 @@ KVM_USERSPACE_IRQ_SOURCE_ID = 0
 KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID = 1
 MAX_VCPUS = 256          # ApicBus capacity; reported as KVM_CAP_MAX_VCPUS
 MAX_VCPU_ID = 4096       # KVM_MAX_VCPU_IDS on x86
+
+
+_LIVE_VMS = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    # Another thread may have held a Vm's lock at fork(): give each Vm a fresh one, so that
+    # using it in the child raises the documented RuntimeError instead of hanging.
+    for vm in list(_LIVE_VMS):
+        vm._lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _deferred_worker(vm_ref, engine):
@@ -138,9 +152,12 @@ class Vm:
         self._lock = threading.RLock()
         self._closed = False
         self._pid = os.getpid()               # fork(): the child gets no engine thread
+        _LIVE_VMS.add(self)
         self._bus = ApicBus()
         self._engine = Engine(self._bus)
         self._index = IrqfdIndex()
+        self._by_fd = {}              # fd number -> the record last assigned under it
+        self._tombstones = []         # dead records whose epoll registration is unreachable
         self._graveyard = set()       # deassigned records still on the deferred list
         self._resamplers = {}         # line -> Resampler
         self._vcpus = {}
@@ -177,10 +194,15 @@ class Vm:
                 return
             self._closed = True
             self._engine.close()              # joins the engine thread: no record is in use
+            # The worker may hold records it popped from the deferred list: keep them alive
+            # until it has exited.
+            keep = list(self._index) + list(self._graveyard) + self._tombstones
             for r in self._index:
                 CLAIMS.release(r.key, self)
             self._index = IrqfdIndex()
-            self._graveyard.clear()
+            self._by_fd = {}
+            self._graveyard = set()
+            self._tombstones = []
             for res in self._resamplers.values():
                 res.close()
             self._resamplers = {}
@@ -189,6 +211,7 @@ class Vm:
                     v.lapic.shutdown()
         if self._worker is not threading.current_thread():
             self._worker.join()
+        del keep
 
     def __enter__(self):
         return self
@@ -311,8 +334,12 @@ class Vm:
         old = self._routing
         for r in self._index.legacy():           # KVM's irqfd_update() for every irqfd
             word = self._gsi_route_word(table, r.gsi)
-            if word != r.route and self._engine.drain_and_set_route(r, word):
-                self._inject_gsi(old, r)       # an event drained for the old slow route
+            if word == r.route:
+                continue
+            self._settle_deferred(r, lambda: self._inject_gsi(old, r))
+            fd = r.fd if (self._by_fd.get(r.fd) is r and
+                          self._engine.is_registered(r, r.fd)) else -1
+            self._retarget(r, word, fd, lambda: self._inject_gsi(old, r))
         self._routing = table
 
     def _gsi_route_word(self, table, gsi):
@@ -359,14 +386,9 @@ class Vm:
         returns, the eventfd delivers nothing.  OSError(EBADF/EINVAL) for a bad fd.  O(log n).
         """
         _fd_arg(eventfd, "eventfd")
-        key = eventfd_key(eventfd)
         with self._lock:
             self._check_open()
-            r = self._index.get(key)
-            if r is None or r.direct or r.gsi != gsi:
-                return False
-            self._detach(r)
-            return True
+            return self._find_and_detach(eventfd, lambda r: not r.direct and r.gsi == gsi)
 
     # -- direct irqfd (KVM_IRQFD_DIRECT) -------------------------------------------------------
     def irqfd_direct(self, eventfd, entry, resamplefd=None):
@@ -394,31 +416,30 @@ class Vm:
         """
         _fd_arg(eventfd, "eventfd")
         self._check_entry(entry)
-        key = eventfd_key(eventfd)
         with self._lock:
             self._check_open()
-            r = self._index.get(key)
-            if r is None or not r.direct:
+            r = self._find(eventfd, lambda r: r.direct, verify=True)
+            if r is None:
                 raise OSError(errno.ENOENT, f"eventfd {eventfd} has no direct irqfd")
-            if isinstance(entry, IrqchipEntry) != isinstance(r.entry, IrqchipEntry) and \
-                    r.resampler is not None:
-                raise OSError(errno.EINVAL, "a resampling irqfd keeps its irqchip line")
             old = r.entry
-            if self._engine.drain_and_set_route(r, self._entry_route_word(entry)):
-                self._inject_entry(old, r)
+            self._settle_deferred(r, lambda: self._inject_entry(old, r))
+            self._retarget(r, self._entry_route_word(entry), eventfd,
+                           lambda: self._inject_entry(old, r))
             r.entry = entry
+            if r.resampler is not None and entry != old:   # the resampler follows the line
+                keep = os.dup(r.resamplefd)
+                try:
+                    self._drop_resampler(r)
+                    self._attach_resampler(r, keep)
+                finally:
+                    os.close(keep)
 
     def irqfd_direct_deassign(self, eventfd):
         """Detach the direct irqfd of ``eventfd``; True if there was one.  O(log n)."""
         _fd_arg(eventfd, "eventfd")
-        key = eventfd_key(eventfd)
         with self._lock:
             self._check_open()
-            r = self._index.get(key)
-            if r is None or not r.direct:
-                return False
-            self._detach(r)
-            return True
+            return self._find_and_detach(eventfd, lambda r: r.direct)
 
     def irqfd_count(self):
         """Assigned irqfds (legacy and direct).  O(1)."""
@@ -439,8 +460,21 @@ class Vm:
             raise TypeError(f"entry must be an IrqchipEntry or MsiEntry, not {type(entry).__name__}")
         self.arch.validate_entry(entry)
 
+    def _find(self, fd, match, verify=False):
+        """The irqfd whose eventfd ``fd`` refers to and that ``match``es, or None.
+
+        Fast path: the record last assigned under this fd number, confirmed by epoll itself
+        (only with ``verify``; a DEL in _detach confirms it too).  Otherwise the eventfd's
+        identity from /proc (EBADF/EINVAL for a bad fd).  O(log n).
+        """
+        r = self._by_fd.get(fd)
+        if r is not None and match(r) and (not verify or self._engine.is_registered(r, fd)):
+            return r
+        r = self._index.get(eventfd_key(fd))
+        return r if r is not None and match(r) else None
+
     def _assign(self, eventfd, resamplefd, *, word, gsi=None, entry=None):
-        key = eventfd_key(eventfd)
+        key, count = eventfd_info(eventfd)
         if resamplefd is not None:
             eventfd_key(resamplefd)             # EBADF / EINVAL as KVM
         if self._index.get(key) is not None:
@@ -448,40 +482,140 @@ class Vm:
         CLAIMS.claim(key, self)
         r = new_record(eventfd, key, gsi=gsi, entry=entry, direct=entry is not None)
         self._engine.set_route(r, word)
-        try:
-            if eventfd_count(eventfd):
-                r.mark_pending_at_assign()
+        if count:
+            r.assign_count = count
+            r.mark_pending_at_assign()
+        try:                                    # nothing half-registered on any failure
+            if resamplefd is not None:
+                self._attach_resampler(r, resamplefd)
             self._engine.register(r)
         except BaseException:
+            self._drop_resampler(r, lower=False)
             CLAIMS.release(key, self)
             raise
-        if resamplefd is not None:
-            self._attach_resampler(r, resamplefd)
         self._index.add(r)
+        self._by_fd[eventfd] = r
+        if count:                               # KVM injects a count found at assign at once
+            self._inject_now(r)
         return r
 
-    def _detach(self, r):
-        self._engine.unregister(r)
+    def _inject_now(self, r):
+        """Deliver one event of r from the calling thread (control plane, under the lock)."""
+        if (r.route >> 13) & 7 == ROUTE_MSI:
+            self._engine.deliver(r.route)
+        elif r.direct:
+            self._inject_entry(r.entry, r)
+        else:
+            self._inject_gsi(self._routing, r)
+
+    def _find_and_detach(self, fd, match):
+        r = self._by_fd.get(fd)
+        if r is not None and match(r) and self._engine.unregister(r, fd):
+            pass                                # epoll confirmed fd is r's registration
+        else:
+            r = self._index.get(eventfd_key(fd))
+            if r is None or not match(r):
+                return False
+            self._unregister_elsewhere(r, fd)
+        # KVM delivers inside write(), and flushes a pending inject on deassign: what was
+        # written before this call is delivered.
+        if self._drain(r, fd):
+            self._inject_now(r)
+        self._forget(r)
+        return True
+
+    def _forget(self, r):
         self._index.pop(r.key)
+        if self._by_fd.get(r.fd) is r:
+            del self._by_fd[r.fd]
         CLAIMS.release(r.key, self)
         if r.inject_pending:
             self._graveyard.add(r)              # the worker drops it when it pops it
-        if r.resampler is not None:
-            res = r.resampler
-            res.remove(r.resamplefd)
-            r.resampler = None
-            if not res.resamplefds:             # last user: lower the line, as KVM does
-                del self._resamplers[res.line]
+        self._drop_resampler(r)
+
+    def _unregister_elsewhere(self, r, fd):
+        # ``fd`` refers to r's eventfd under another number than r's registration.  epoll can
+        # only remove that registration through its own number: if r.fd still names the
+        # eventfd, use it; if the number is free, borrow it for a moment (F_DUPFD allocates
+        # exactly it); otherwise it is unreachable and r stays as a dead tombstone (the
+        # engine ignores its wakeups and never reads its fd) until close().
+        if Engine.same_file(fd, r.fd) and self._engine.unregister(r, r.fd):
+            return
+        tmp = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, r.fd)
+        try:
+            if tmp == r.fd and self._engine.unregister(r, tmp):
+                return
+        finally:
+            os.close(tmp)
+        self._engine.kill(r)
+        self._tombstones.append(r)
+
+    def _drop_resampler(self, r, lower=True):
+        res = r.resampler
+        if res is None:
+            return
+        res.remove(r.resamplefd)
+        r.resampler = r.resamplefd = None
+        if not res.resamplefds:                 # last user: lower the line, as KVM does
+            del self._resamplers[res.line]
+            if lower:
                 self._set_line(res.line, KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID, 0)
 
     def _attach_resampler(self, r, resamplefd):
+        """Join the resampler of r's line (it keeps its own dup of ``resamplefd``)."""
         line = ("gsi", r.gsi) if not r.direct else ("entry", r.entry)
         res = self._resamplers.get(line)
         if res is None:
-            res = self._resamplers[line] = Resampler(line)
-        res.add(resamplefd)
+            res = Resampler(line)
+        res.add(resamplefd)                     # may raise (EMFILE): nothing changed then
+        self._resamplers[line] = res
         r.resampler = res
         r.resamplefd = res.resamplefds[-1]
+
+    def _retarget(self, r, word, fd, inject_old):
+        """Switch r to route ``word`` so that no write is lost or misdelivered across it.
+
+        1. synchronize(): a batch in flight finishes with the old route;
+        2. drain the eventfd through ``fd`` (verified to be r's eventfd; -1: none) into the
+           old target: writes completed before this call belong there;
+        3. store the new route and synchronize(): whatever the engine consumes from now on
+           was written after step 2 began, and goes to the new target.
+        The engine loads a route before it consumes the counter, which is what makes 3 safe.
+        O(1) + two grace periods.
+        """
+        engine = self._engine
+        engine.synchronize()
+        old = r.route
+        if fd >= 0 and self._drain(r, fd):
+            if (old >> 13) & 7 == ROUTE_MSI:
+                engine.deliver(old)
+            else:
+                inject_old()
+        engine.set_route(r, word)
+        engine.synchronize()
+
+    def _drain(self, r, fd):
+        """Consume writes pending on r's eventfd; True if there is something to deliver.
+
+        A count that was delivered at assign without consuming (as KVM does) is not
+        delivered again, and is left in the counter as KVM leaves it, unless writes came on
+        top of it.
+        """
+        pending, unconsumed = self._engine.take_assign_flags(r)
+        if (pending or unconsumed) and eventfd_info(fd)[1] <= r.assign_count:
+            if pending:
+                r.mark_pending_at_assign()
+            else:
+                r.mark_unconsumed()
+            return False
+        return self._engine.consume(fd) > 0
+
+    def _settle_deferred(self, r, inject_old):
+        # An event the engine already handed to the worker belongs to the old target: inject it
+        # now; the worker skips what is already handled (defer_count), so nothing runs twice.
+        if r.inject_pending and r.defer_count != r.handled:
+            r.handled = r.defer_count
+            inject_old()
 
     # -- injection (slow path and KVM_IRQ_LINE / KVM_SIGNAL_MSI) -------------------------------
     def _run_deferred(self, records):
@@ -492,6 +626,10 @@ class Vm:
                 if r.dead:
                     self._graveyard.discard(r)
                     continue
+                count = r.defer_count
+                if count == r.handled:                 # a retarget injected it already
+                    continue
+                r.handled = count
                 try:
                     if r.direct:
                         self._inject_entry(r.entry, r)

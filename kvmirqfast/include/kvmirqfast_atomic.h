@@ -43,6 +43,21 @@ static inline long kif_futex_wake(uint32_t *p, int n) {
     return syscall(SYS_futex, p, FUTEX_WAKE_PRIVATE, n, NULL, NULL, 0);
 }
 
+/* kcmp(KCMP_EPOLL_TFD): 0 if fd refers to the file registered in epfd under the number tfd
+ * (its first registration), 1/2 if another file, -1 with errno on error (ENOENT: none). */
+struct kif_kcmp_epoll_slot { uint32_t efd, tfd, toff; };
+static inline long kif_kcmp_epoll_tfd(int fd, int epfd, int tfd) {
+    struct kif_kcmp_epoll_slot slot = { (uint32_t)epfd, (uint32_t)tfd, 0 };
+    pid_t pid = getpid();
+    return syscall(SYS_kcmp, pid, pid, 7 /* KCMP_EPOLL_TFD */, fd, &slot);
+}
+
+/* kcmp(KCMP_FILE): 0 if fd1 and fd2 refer to the same open file, -1 on error. */
+static inline long kif_kcmp_file(int fd1, int fd2) {
+    pid_t pid = getpid();
+    return syscall(SYS_kcmp, pid, pid, 0 /* KCMP_FILE */, fd1, fd2);
+}
+
 static inline uint64_t kif_now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
