@@ -42,3 +42,13 @@ def test_cli_selftest_exit_code_and_report(capsys):
 
 def test_cli_rejects_bad_arguments(capsys):
     assert cli.main(["selftest", "--vcpus", "0", "-q", "--no-kvm"]) == 2
+
+
+def test_cli_selftest_on_real_kvm(capsys):
+    from realkvm import KVM_REASON, KVM_USABLE
+    import pytest
+    if not KVM_USABLE:
+        pytest.skip(KVM_REASON)
+    assert cli.main(["selftest", "--backend", "kvm", "--irqfds", "64", "--vcpus", "2", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "kvm backend" in out and "lost               0" in out and "misdelivered       0" in out
