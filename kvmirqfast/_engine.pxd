@@ -1,7 +1,7 @@
 # The data plane: one engine thread that waits on every assigned eventfd and delivers.
 
 from libc.stdint cimport uint32_t, uint64_t
-from kvmirqfast._sys cimport pthread_t, pthread_mutex_t, pthread_cond_t
+from kvmirqfast._sys cimport pthread_t, pthread_mutex_t, pthread_cond_t, kif_ring
 from kvmirqfast._lapic cimport apic_bus_t, ApicBus
 
 cdef enum:
@@ -18,6 +18,9 @@ cdef struct irqfd_t:
     uint32_t inject_pending # on the deferred list; like schedule_work(), a second request coalesces
     int fd                  # the eventfd, as registered in epoll
     uint32_t defer_count    # deferred requests, coalesced or not (lets a retarget settle old ones)
+    int slot                # our reference to the eventfd: its io_uring fixed-file slot, or -1
+    uint32_t _pad
+    uint64_t assign_count   # the count found at assign (delivered without consuming)
     irqfd_t *defer_next     # deferred list link, protected by engine_t.dlock
     void *owner             # the IrqfdRecord that owns this memory (borrowed)
 
@@ -38,6 +41,8 @@ cdef struct engine_t:
     uint64_t batch_seq      # odd while the engine holds records from epoll_wait (see synchronize)
     uint64_t poll_ns        # halt-polling window before blocking; 0 = block at once
     apic_bus_t *bus
+    kif_ring ring           # fixed files (our eventfd references) and batched reads
+    bint has_ring           # io_uring is usable; else reads go through the registered fd
     pthread_mutex_t dlock   # protects dhead and dstop
     pthread_cond_t dcond
     irqfd_t *dhead
@@ -53,7 +58,6 @@ cdef class IrqfdRecord:
     cdef public object resamplefd
     cdef public bint direct
     cdef public unsigned int handled       # defer_count already injected (see Vm._run_deferred)
-    cdef public unsigned long long assign_count  # counter found at assign, delivered unconsumed
 
 cdef class Engine:
     cdef engine_t *e
@@ -62,5 +66,9 @@ cdef class Engine:
     cdef bint started
     cdef bint closed
     cdef int owner_pid          # fork(): a child must not join the parent's thread
+    cdef list _free_slots       # free fixed-file slots (control plane, under the Vm lock)
+    cdef set _pinned            # slots in use, cleared before the ring goes back to the pool
+    cdef unsigned nfiles
+    cdef public object ring_error   # why io_uring is not used, or None
     cdef void _stop_thread(self) noexcept
     cdef void _release(self) noexcept

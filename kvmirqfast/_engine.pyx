@@ -27,6 +27,7 @@ from kvmirqfast._lapic cimport (apic_bus_t, ApicBus, apic_bus_deliver, route_kin
                                 ROUTE_MSI, ROUTE_NONE)
 
 import os
+import resource
 
 
 cdef extern from *:
@@ -43,6 +44,7 @@ cdef class IrqfdRecord:
     def __cinit__(self, int fd, key, gsi=None, entry=None, bint direct=False):
         memset(&self.rec, 0, sizeof(irqfd_t))
         self.rec.fd = fd
+        self.rec.slot = -1
         self.rec.owner = <void *>self
         self.key = key
         self.gsi = gsi
@@ -51,7 +53,6 @@ cdef class IrqfdRecord:
         self.resampler = None
         self.resamplefd = None
         self.handled = 0
-        self.assign_count = 0
 
     @property
     def fd(self):
@@ -65,6 +66,18 @@ cdef class IrqfdRecord:
     @property
     def route(self):
         return kif_load64(&self.rec.route)
+
+    property assign_count:
+        """The count found in the eventfd at assign (delivered then, left in the counter)."""
+        def __get__(self):
+            return self.rec.assign_count
+        def __set__(self, uint64_t v):
+            self.rec.assign_count = v
+
+    @property
+    def pinned(self):
+        """True if the engine holds its own reference to the eventfd (see Engine.pin)."""
+        return self.rec.slot >= 0
 
     @property
     def defer_count(self):
@@ -117,22 +130,10 @@ cdef inline bint consume(int fd) noexcept nogil:
     return preadv2(fd, &iov, 1, -1, RWF_NOWAIT) == 8
 
 
-cdef inline void irqfd_wakeup(engine_t *e, irqfd_t *irqfd, engine_stats_t *st) noexcept nogil:
-    cdef uint64_t route
-    cdef uint32_t flags = kif_load32(&irqfd.flags)
-    if flags & IRQFD_DEAD:
-        return                                   # deassigned after epoll_wait returned it
-    if flags & IRQFD_PENDING_AT_ASSIGN:
-        # The wakeup epoll_ctl(ADD) raised for a count found at assign: the control plane has
-        # delivered it, and KVM leaves that count in the counter.
-        kif_or32(&irqfd.flags, IRQFD_UNCONSUMED)
-        kif_and32(&irqfd.flags, ~(<uint32_t>IRQFD_PENDING_AT_ASSIGN))
-        return
-    route = kif_load64(&irqfd.route)             # before consuming: see the module docstring
-    if not consume(irqfd.fd):
-        st.empty += 1
-        return
-    elif flags & IRQFD_UNCONSUMED:
+cdef inline void irqfd_inject(engine_t *e, irqfd_t *irqfd, uint64_t route,
+                              engine_stats_t *st) noexcept nogil:
+    # The counter was consumed: deliver with the route loaded before consuming.
+    if kif_load32(&irqfd.flags) & IRQFD_UNCONSUMED:
         kif_and32(&irqfd.flags, ~(<uint32_t>IRQFD_UNCONSUMED))
     if route_kind(route) == ROUTE_MSI:           # kvm_arch_set_irq_inatomic
         if apic_bus_deliver(e.bus, route) < 0:
@@ -142,6 +143,58 @@ cdef inline void irqfd_wakeup(engine_t *e, irqfd_t *irqfd, engine_stats_t *st) n
         kif_add32(&irqfd.defer_count, 1)
         defer_inject(e, irqfd)
         st.deferred += 1
+
+
+cdef void engine_batch(engine_t *e, epoll_event *events, int n,
+                       engine_stats_t *st) noexcept nogil:
+    """irqfd_wakeup for a batch: take each counter, then deliver with the irqfd's route.
+
+    With io_uring every counter of the batch is read by one io_uring_enter through our own
+    reference to the eventfd (a fixed file); without it, one read per event through the fd.
+    """
+    cdef irqfd_t *recs[MAX_EVENTS]
+    cdef uint64_t routes[MAX_EVENTS]
+    cdef uint64_t counts[MAX_EVENTS]
+    cdef irqfd_t *irqfd
+    cdef uint32_t flags
+    cdef uint64_t ud
+    cdef int i, k = 0, res, got
+    for i in range(n):
+        irqfd = <irqfd_t *>events[i].data.ptr
+        if irqfd == NULL:
+            continue
+        flags = kif_load32(&irqfd.flags)
+        if flags & IRQFD_DEAD:
+            continue                             # deassigned after epoll_wait returned it
+        if flags & IRQFD_PENDING_AT_ASSIGN:
+            # The wakeup epoll_ctl(ADD) raised for a count found at assign: the control plane
+            # has delivered it, and KVM leaves that count in the counter.  A write made since
+            # rode on the same wakeup: only then is there something to take.
+            kif_or32(&irqfd.flags, IRQFD_UNCONSUMED)
+            kif_and32(&irqfd.flags, ~(<uint32_t>IRQFD_PENDING_AT_ASSIGN))
+            if kif_eventfd_count(irqfd.fd) <= <int64_t>irqfd.assign_count:
+                continue
+        routes[k] = kif_load64(&irqfd.route)     # before consuming: see the module docstring
+        if e.has_ring and irqfd.slot >= 0:
+            recs[k] = irqfd
+            kif_ring_prep_read(&e.ring, irqfd.slot, &counts[k], k)
+            k += 1
+        elif consume(irqfd.fd):
+            irqfd_inject(e, irqfd, routes[k], st)
+        else:
+            st.empty += 1
+    if k == 0:
+        return
+    got = 0
+    if kif_ring_submit_wait(&e.ring, k, k) >= 0:
+        while kif_ring_reap(&e.ring, &ud, &res):
+            got += 1
+            if res == 8:
+                irqfd_inject(e, recs[ud], routes[ud], st)
+            else:
+                st.empty += 1
+    if got < k:                                  # cannot happen for eventfd reads; be safe
+        e.has_ring = False
 
 
 cdef void *engine_main(void *arg) noexcept nogil:
@@ -162,9 +215,7 @@ cdef void *engine_main(void *arg) noexcept nogil:
                 kif_cpu_relax()
             continue
         kif_add64(&e.batch_seq, 1)               # odd: we hold records
-        for i in range(n):
-            if events[i].data.ptr != NULL:
-                irqfd_wakeup(e, <irqfd_t *>events[i].data.ptr, &st)
+        engine_batch(e, events, n, &st)
         st.events += n
         st.batches += 1
         kif_add64(&e.batch_seq, 1)               # even: records released
@@ -185,6 +236,43 @@ cdef inline void publish_stats(engine_t *e, engine_stats_t *st) noexcept nogil:
     kif_store64_relaxed(&e.stats.polls, st.polls)
 
 
+# Rings are kept for reuse rather than torn down: tearing down an io_uring that held files
+# finishes asynchronously and can make another blocking system call of this process (a
+# KVM_CREATE_VM on a real /dev/kvm, say) fail with EINTR.  Protected by the GIL.
+cdef kif_ring _ring_pool[16]
+cdef unsigned _ring_pool_nfiles[16]
+cdef int _ring_pool_n = 0
+
+
+cdef int ring_take(kif_ring *ring, unsigned nfiles):
+    global _ring_pool_n
+    cdef int i
+    if getpid() != _pool_pid:                    # after fork(): the pool is the parent's
+        return kif_ring_init(ring, MAX_EVENTS, nfiles)
+    for i in range(_ring_pool_n - 1, -1, -1):
+        if _ring_pool_nfiles[i] == nfiles:
+            ring[0] = _ring_pool[i]
+            _ring_pool_n -= 1
+            _ring_pool[i] = _ring_pool[_ring_pool_n]
+            _ring_pool_nfiles[i] = _ring_pool_nfiles[_ring_pool_n]
+            return 0
+    return kif_ring_init(ring, MAX_EVENTS, nfiles)
+
+
+cdef void ring_give(kif_ring *ring, unsigned nfiles) noexcept:
+    global _ring_pool_n
+    if _ring_pool_n < 16 and getpid() == _pool_pid:
+        _ring_pool[_ring_pool_n] = ring[0]
+        _ring_pool_nfiles[_ring_pool_n] = nfiles
+        _ring_pool_n += 1
+    else:
+        kif_ring_free(ring)
+    ring.fd = -1
+
+
+cdef int _pool_pid = getpid()
+
+
 cdef class Engine:
     """The engine thread, its epoll set and its deferred queue.
 
@@ -192,14 +280,16 @@ cdef class Engine:
     releases every fd it owns.  Registration and route changes are safe while the thread runs.
     """
 
-    def __cinit__(self, ApicBus bus not None):
+    def __cinit__(self, ApicBus bus not None, bint use_ring=True):
         cdef epoll_event ev
+        cdef int rc
         self.bus = bus
         self.e = <engine_t *>calloc(1, sizeof(engine_t))
         if self.e == NULL:
             raise MemoryError()
         self.e.epfd = -1
         self.e.wakefd = -1
+        self.e.ring.fd = -1
         self.e.bus = &bus.bus
         pthread_mutex_init(&self.e.dlock, NULL)
         pthread_cond_init(&self.e.dcond, NULL)
@@ -213,6 +303,20 @@ cdef class Engine:
         ev.data.ptr = NULL
         if epoll_ctl(self.e.epfd, EPOLL_CTL_ADD, self.e.wakefd, &ev) < 0:
             raise OSError(errno, os.strerror(errno))
+        self._free_slots = []
+        self.ring_error = None
+        self._pinned = set()
+        if use_ring:
+            nfiles = min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 65536)
+            rc = ring_take(&self.e.ring, nfiles)
+            if rc == 0:
+                self.e.has_ring = True
+                self.nfiles = nfiles
+                self._free_slots = list(range(nfiles - 1, -1, -1))
+            else:
+                self.ring_error = os.strerror(-rc)
+        else:
+            self.ring_error = "disabled"
 
     def __dealloc__(self):
         if self.e != NULL:
@@ -246,6 +350,12 @@ cdef class Engine:
         self.started = False
 
     cdef void _release(self) noexcept:
+        if self.e.ring.fd >= 0:
+            for slot in self._pinned:            # drop our references to every eventfd
+                kif_ring_set_file(&self.e.ring, slot, -1)
+            self._pinned = set()
+            ring_give(&self.e.ring, self.nfiles)
+            self.e.has_ring = False
         if self.e.epfd >= 0:
             close(self.e.epfd)
             self.e.epfd = -1
@@ -319,6 +429,40 @@ cdef class Engine:
         if self.closed:
             return False
         return kif_kcmp_epoll_tfd(fd, self.e.epfd, fd) == 0
+
+    def pin(self, IrqfdRecord r not None, int fd):
+        """Take our own reference to ``fd``'s eventfd (a fixed file) and read through it.
+
+        KVM holds the eventfd_ctx, not an fd number: with this, closing or reusing the fd
+        number the irqfd was assigned with changes nothing, and no fd-table slot is used.
+        Returns False where io_uring is unavailable (reads then use the fd number).
+        """
+        cdef int slot, rc
+        if not self.e.has_ring or not self._free_slots:
+            return False
+        slot = self._free_slots.pop()
+        rc = kif_ring_set_file(&self.e.ring, slot, fd)
+        if rc < 0:
+            self._free_slots.append(slot)
+            raise OSError(-rc, os.strerror(-rc))
+        r.rec.slot = slot
+        self._pinned.add(slot)
+        return True
+
+    def unpin(self, IrqfdRecord r not None):
+        """Drop our reference (after the record is dead: the engine no longer reads it)."""
+        cdef int slot = r.rec.slot
+        if slot < 0:
+            return
+        r.rec.slot = -1
+        if self.e.has_ring:
+            kif_ring_set_file(&self.e.ring, slot, -1)
+            self._free_slots.append(slot)
+            self._pinned.discard(slot)
+
+    @property
+    def uses_ring(self):
+        return bool(self.e.has_ring)
 
     @staticmethod
     def same_file(int fd1, int fd2):

@@ -108,3 +108,14 @@ cdef extern from "kvmirqfast_atomic.h" nogil:
     uint64_t kif_now_ns()
     long kif_kcmp_epoll_tfd(int fd, int epfd, int tfd)
     long kif_kcmp_file(int fd1, int fd2)
+    int64_t kif_eventfd_count(int fd)
+
+cdef extern from "kvmirqfast_uring.h" nogil:
+    struct kif_ring:
+        int fd
+    void kif_ring_free(kif_ring *r)
+    int kif_ring_init(kif_ring *r, unsigned entries, unsigned nfiles)
+    int kif_ring_set_file(kif_ring *r, unsigned slot, int fd)
+    void kif_ring_prep_read(kif_ring *r, unsigned slot, void *buf, uint64_t user_data)
+    int kif_ring_submit_wait(kif_ring *r, unsigned submit, unsigned wait)
+    int kif_ring_reap(kif_ring *r, uint64_t *user_data, int *res)

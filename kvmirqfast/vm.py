@@ -488,8 +488,10 @@ class Vm:
         try:                                    # nothing half-registered on any failure
             if resamplefd is not None:
                 self._attach_resampler(r, resamplefd)
+            self._engine.pin(r, eventfd)        # our own reference, as KVM's eventfd_ctx
             self._engine.register(r)
         except BaseException:
+            self._engine.unpin(r)
             self._drop_resampler(r, lower=False)
             CLAIMS.release(key, self)
             raise
@@ -525,6 +527,7 @@ class Vm:
         return True
 
     def _forget(self, r):
+        self._engine.unpin(r)                   # r is dead: the engine reads it no more
         self._index.pop(r.key)
         if self._by_fd.get(r.fd) is r:
             del self._by_fd[r.fd]

@@ -270,9 +270,6 @@ def test_reused_fd_number_gets_no_delivery_through_the_stale_record(efds):
         assert c1.pending() == [], "delivered through the stale record of the closed eventfd"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: eventfd-id is reused by the kernel after close, so a "
-                   "brand-new eventfd collides with the stale record of a closed assigned one "
-                   "(EBUSY in any VM) although README says it can be assigned anywhere")
 @pytest.mark.parametrize("same_vm", [True, False])
 def test_new_eventfd_on_a_closed_assigned_number_can_be_assigned(efds, same_vm):
     with Vm(irqchip=True) as vm1, Vm(irqchip=True) as vm2:
@@ -291,9 +288,6 @@ def test_new_eventfd_on_a_closed_assigned_number_can_be_assigned(efds, same_vm):
         assert c2 is not None
 
 
-@pytest.mark.xfail(strict=True, reason="bug: irqfd_direct_modify(new_fd) on a reused fd number "
-                   "finds the stale record of the closed eventfd (same eventfd-id), consumes the "
-                   "new eventfd's counter and delivers it to the stale record's old target")
 def test_modify_through_a_reused_number_does_not_touch_the_stale_record(efds):
     with Vm(irqchip=True) as vm:
         cpu = vm.create_vcpu(0)

@@ -778,14 +778,7 @@ def run(fn, real, expected=None):
     return side.obs
 
 
-NEEDS_PINNING = {"closed_eventfd_detaches", "irqfd_survives_closing_the_assigned_fd_number"}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=(
-        "the model reads the eventfd through the fd number it was assigned with and keeps no "
-        "reference of its own (needs io_uring fixed files)"))) if n in NEEDS_PINNING else n
-    for n in sorted(CASES)])
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_same_as_kvm(name):
     fn = CASES[name]
     real = run(fn, True)

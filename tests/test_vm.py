@@ -711,13 +711,7 @@ class TestIrqfdErrors:
 
 
 # --- eventfd lifetime: the irqfd follows the eventfd, not the fd number --------------------------
-NEEDS_PINNING = ("the engine reads an irqfd's eventfd through the fd number it was assigned with: "
-                 "it needs its own reference to the eventfd (io_uring fixed files) to survive that "
-                 "number being closed, as KVM's eventfd_ctx reference does")
-
-
 class TestEventfdIdentity:
-    @pytest.mark.xfail(strict=True, reason=NEEDS_PINNING)
     def test_irqfd_keeps_working_when_only_a_dup_is_left(self, vm, cpus, fds):
         # KVM holds the eventfd itself: closing the fd number the irqfd was assigned with, while
         # a dup() keeps the eventfd open, changes nothing.
@@ -729,7 +723,6 @@ class TestEventfdIdentity:
         expect(cpus, {1: [0x41]})
         assert wait_until(lambda: fdinfo_count(keep) == 0)
 
-    @pytest.mark.xfail(strict=True, reason=NEEDS_PINNING)
     def test_legacy_irqfd_keeps_working_when_only_a_dup_is_left(self, vm, cpus, fds):
         vm.set_gsi_routing([(8, msi(2, 0x48))])
         efd = fds.eventfd()
@@ -754,7 +747,6 @@ class TestEventfdIdentity:
         assert stays(lambda: pendings(cpus) == [[], [], [], []])
         assert fdinfo_count(other) == 1
 
-    @pytest.mark.xfail(strict=True, reason=NEEDS_PINNING)
     def test_closed_eventfd_can_be_replaced_by_a_new_one(self, vm, cpus, fds):
         vm.set_gsi_routing([(30, msi(0, 0x41))])
         efd = fds.eventfd()
