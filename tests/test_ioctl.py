@@ -112,10 +112,10 @@ class TestLayout:
 
 # --- argument conventions ---------------------------------------------------------------------------
 class TestConventions:
-    def test_unknown_request_is_enotty(self, vm, cpus):
+    def test_unknown_request_is_enotty_on_a_vm_einval_on_a_vcpu(self, vm, cpus):
         assert err(vm.ioctl, 0xAEFE, b"\0" * 8) == errno.ENOTTY
         assert err(vm.ioctl, uapi._IOW(uapi.KVMIO, 0xF0, 16), bytes(16)) == errno.ENOTTY
-        assert err(cpus[0].ioctl, 0xAEFE, 0) == errno.ENOTTY
+        assert err(cpus[0].ioctl, 0xAEFE, 0) == errno.EINVAL     # KVM: kvm_arch_vcpu_ioctl
 
     @pytest.mark.parametrize("req", [uapi.KVM_IRQFD, uapi.KVM_SIGNAL_MSI, uapi.KVM_IRQFD_DIRECT,
                                      uapi.KVM_SET_GSI_ROUTING, uapi.KVM_IRQ_LINE])

@@ -6,37 +6,10 @@ import os
 import pytest
 
 from kvmirqfast import uapi
-from kvmirqfast.arch.x86 import msi_address, msi_data
+from kvmirqfast.arch.x86 import msi_address
 from kvmirqfast.testing import settle, wait_for, wait_pending
 
-
-def msi(gsi, dest, vector, logical=False):
-    lo, hi = msi_address(dest, logical)
-    return uapi.pack_msi_entry(gsi, lo, hi, msi_data(vector))
-
-
-def set_routing(vm, entries):
-    return vm.ioctl(uapi.KVM_SET_GSI_ROUTING, uapi.pack_routing(entries))
-
-
-def irqfd(vm, fd, gsi, flags=0, resamplefd=0):
-    return vm.ioctl(uapi.KVM_IRQFD, bytearray(uapi.pack_irqfd(fd, gsi, flags, resamplefd)))
-
-
-def errno_of(fn, *args):
-    try:
-        fn(*args)
-    except OSError as e:
-        return e.errno
-    return 0
-
-
-def eventfd_count(fd):
-    with open(f"/proc/self/fdinfo/{fd}") as f:
-        for line in f:
-            if line.startswith("eventfd-count:"):
-                return int(line.split()[1], 16)
-    raise AssertionError("not an eventfd")
+from ._util import errno_of, eventfd_count, irqfd, msi, set_routing
 
 
 def test_msi_irqfd_lands_on_target_vcpu_only(kvm_vm, kvm_vcpus, kvm_eventfd):
