@@ -91,9 +91,6 @@ cdef class IrqfdRecord:
     def inject_pending(self):
         return bool(kif_load32(&self.rec.inject_pending))
 
-    def mark_unconsumed(self):
-        kif_or32(&self.rec.flags, IRQFD_UNCONSUMED)
-
     def mark_pending_at_assign(self):
         """A count found at assign was delivered by the control plane: skip the wakeup that
         epoll_ctl(ADD) raises for it, and do not consume it (KVM leaves it in the counter)."""
@@ -166,12 +163,13 @@ cdef void engine_batch(engine_t *e, epoll_event *events, int n,
         flags = kif_load32(&irqfd.flags)
         if flags & IRQFD_DEAD:
             continue                             # deassigned after epoll_wait returned it
-        if flags & IRQFD_PENDING_AT_ASSIGN:
-            # The wakeup epoll_ctl(ADD) raised for a count found at assign: the control plane
-            # has delivered it, and KVM leaves that count in the counter.  A write made since
-            # rode on the same wakeup: only then is there something to take.
-            kif_or32(&irqfd.flags, IRQFD_UNCONSUMED)
-            kif_and32(&irqfd.flags, ~(<uint32_t>IRQFD_PENDING_AT_ASSIGN))
+        if flags & (IRQFD_PENDING_AT_ASSIGN | IRQFD_UNCONSUMED):
+            # A count found at assign was delivered then, and KVM leaves it in the counter: a
+            # wakeup that finds only that count (the one epoll_ctl ADD or MOD raises for a
+            # readable eventfd) takes nothing.  Rare, so a slow look at the count is fine.
+            if flags & IRQFD_PENDING_AT_ASSIGN:
+                kif_or32(&irqfd.flags, IRQFD_UNCONSUMED)
+                kif_and32(&irqfd.flags, ~(<uint32_t>IRQFD_PENDING_AT_ASSIGN))
             if kif_eventfd_count(irqfd.fd) <= <int64_t>irqfd.assign_count:
                 continue
         routes[k] = kif_load64(&irqfd.route)     # before consuming: see the module docstring
@@ -420,15 +418,20 @@ cdef class Engine:
         self.synchronize()
 
     def is_registered(self, IrqfdRecord r not None, int fd):
-        """True if ``fd`` refers to the file epoll holds under the number ``fd``.
+        """True if epoll holds ``fd``'s current file under the number ``fd`` (EPOLL_CTL_MOD).
 
-        For the record last assigned under that number, True means ``fd`` still refers to
-        its eventfd.  kcmp(KCMP_EPOLL_TFD): one system call, and unlike EPOLL_CTL_MOD it
-        does not re-arm the registration (which would re-deliver a count left unconsumed).
+        For the record last assigned under that number, True means ``fd`` still refers to its
+        eventfd.  One system call, O(log n).  MOD re-arms the registration: a readable eventfd
+        raises one more wakeup, which takes nothing unless something was written (see
+        IRQFD_UNCONSUMED).  (kcmp KCMP_EPOLL_TFD would not re-arm, but walks every
+        registration: O(n).)
         """
+        cdef epoll_event ev
         if self.closed:
             return False
-        return kif_kcmp_epoll_tfd(fd, self.e.epfd, fd) == 0
+        ev.events = EPOLLIN | EPOLLET
+        ev.data.ptr = &r.rec
+        return epoll_ctl(self.e.epfd, EPOLL_CTL_MOD, fd, &ev) == 0
 
     def pin(self, IrqfdRecord r not None, int fd):
         """Take our own reference to ``fd``'s eventfd (a fixed file) and read through it.
@@ -491,11 +494,12 @@ cdef class Engine:
                 count = 0
         return count
 
-    def take_assign_flags(self, IrqfdRecord r not None):
-        """Clear and return (pending_at_assign, unconsumed) -- see IRQFD_PENDING_AT_ASSIGN."""
-        cdef uint32_t old = kif_and32(&r.rec.flags,
-                                      ~(<uint32_t>(IRQFD_PENDING_AT_ASSIGN | IRQFD_UNCONSUMED)))
-        return bool(old & IRQFD_PENDING_AT_ASSIGN), bool(old & IRQFD_UNCONSUMED)
+    def holds_assign_count(self, IrqfdRecord r not None):
+        """True while the count delivered at assign may still sit in the counter unconsumed."""
+        return bool(kif_load32(&r.rec.flags) & (IRQFD_PENDING_AT_ASSIGN | IRQFD_UNCONSUMED))
+
+    def clear_assign_count(self, IrqfdRecord r not None):
+        kif_and32(&r.rec.flags, ~(<uint32_t>(IRQFD_PENDING_AT_ASSIGN | IRQFD_UNCONSUMED)))
 
     def synchronize(self):
         """Wait until the engine holds no record it held when this was called.  Usually O(1)."""

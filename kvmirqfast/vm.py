@@ -604,14 +604,12 @@ class Vm:
         delivered again, and is left in the counter as KVM leaves it, unless writes came on
         top of it.
         """
-        pending, unconsumed = self._engine.take_assign_flags(r)
-        if (pending or unconsumed) and eventfd_info(fd)[1] <= r.assign_count:
-            if pending:
-                r.mark_pending_at_assign()
-            else:
-                r.mark_unconsumed()
-            return False
-        return self._engine.consume(fd) > 0
+        engine = self._engine
+        if engine.holds_assign_count(r):
+            if eventfd_info(fd)[1] <= r.assign_count:
+                return False                    # nothing written since: leave it, as KVM
+            engine.clear_assign_count(r)        # the engine may race us to it: one of us wins
+        return engine.consume(fd) > 0
 
     def _settle_deferred(self, r, inject_old):
         # An event the engine already handed to the worker belongs to the old target: inject it
