@@ -163,6 +163,9 @@ def _signal_msi(vm, a):
     lo, hi, data, flags, devid = uapi.MSI.unpack_from(a.need(uapi.MSI.size))
     if not vm.has_irqchip or flags & ~uapi.KVM_MSI_VALID_DEVID:
         raise _err(errno.EINVAL, "no irqchip, or unknown MSI flags")
+    if not vm.vcpus:
+        # KVM's delivery finds no LAPIC map at all and returns -1, which reaches us as EPERM.
+        raise _err(errno.EPERM, "KVM_SIGNAL_MSI with no vCPU")
     return vm.signal_msi(lo, hi, data, devid if flags else None)
 
 

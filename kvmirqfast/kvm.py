@@ -785,7 +785,7 @@ class KvmVm:
 
         Passed through unchanged, except what the emulation must see: KVM_SET_GSI_ROUTING and
         KVM_IRQFD (merged with / kept clear of direct routes), KVM_IRQFD_DIRECT (emulated),
-        KVM_SIGNAL_MSI is the raw call (KVM's -1 without vCPUs is EPERM; the model says 0),
+        KVM_SIGNAL_MSI is the raw call (KVM's -1 without vCPUs is EPERM, on both backends),
         KVM_IRQ_LINE(_STATUS) (a direct route's GSI is not the user's), KVM_CREATE_IRQCHIP /
         KVM_CREATE_VCPU (return a ``KvmVcpu``, as the model), KVM_ENABLE_CAP (tracked) and
         KVM_CHECK_EXTENSION(KVM_CAP_IRQFD_DIRECT) (1).  Errors are the model's for bad input of

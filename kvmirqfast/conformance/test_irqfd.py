@@ -178,3 +178,10 @@ def test_vcpu_acks_and_eois_in_priority_order(kvm_vm, kvm_vcpus):
         assert cpu.eoi() == taken[-1]
     assert taken == [0x91, 0x61, 0x41]
     assert cpu.pending() == []
+
+
+def test_signal_msi_without_any_vcpu_is_eperm(kvm_vm):
+    # No LAPIC at all: KVM's delivery returns -1, which the ioctl reports as EPERM.
+    lo, hi = msi_address(0)
+    assert errno_of(kvm_vm.ioctl, uapi.KVM_SIGNAL_MSI,
+                    bytearray(uapi.pack_msi(lo, hi, 0x70))) == errno.EPERM
