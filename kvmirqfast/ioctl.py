@@ -16,7 +16,6 @@ import os
 import struct
 
 from . import uapi
-from .irqfd import eventfd_key
 from .routing import GsiRoutingTable, InvalidRouting, IrqchipEntry, MsiEntry, entry_from_uapi
 
 _IOCTL_BUFSZ = 1024

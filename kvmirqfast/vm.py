@@ -1,10 +1,11 @@
-"""Vm and Vcpu: the Python control plane over the native engine.
+"""Vm: the Python control plane over the native engine (the vCPU side is in ``vcpu.py``, the
+GSI -> irqchip injection layer in ``irq.py``).
 
 Data flow: a device writes an eventfd -> the engine thread (``_engine``) takes the wakeup from
 epoll, finds the irqfd record in the registration's data, and delivers its route into a LAPIC
 (``_lapic``) -> a vCPU thread blocked in ``Vcpu.wait_interrupt`` wakes, ``ack``s and ``eoi``s.
 Routes that need the interrupt controllers (PIC/IOAPIC, resamplers) go through the deferred
-worker, a Python thread, as KVM's ``irqfd_inject`` goes through a workqueue.
+worker, a Python thread, to ``irq.Irqchip``, as KVM's ``irqfd_inject`` goes through a workqueue.
 
 Locking: ``Vm._lock`` serialises the control plane (irqfd index, routing table, PIC/IOAPIC,
 resamplers) and the deferred worker's injections.  The engine never takes it.
@@ -22,12 +23,12 @@ from . import uapi
 from ._engine import Engine
 from ._lapic import ApicBus, Lapic
 from .arch import get_arch
-from .irqfd import (CLAIMS, NO_ROUTE_WORD, ROUTE_MSI, SLOW_ROUTE_WORD, IrqfdIndex, Resampler, eventfd_info,
+from .irq import KVM_USERSPACE_IRQ_SOURCE_ID, Irqchip
+from .irqfd import (CLAIMS, NO_ROUTE_WORD, ROUTE_MSI, SLOW_ROUTE_WORD, IrqfdIndex, eventfd_info,
                     eventfd_key, msi_route_word, new_record)
-from .routing import GsiRoutingTable, InvalidRouting, IrqchipEntry, MsiEntry
+from .routing import GsiRoutingTable, IrqchipEntry, MsiEntry
+from .vcpu import Vcpu
 
-KVM_USERSPACE_IRQ_SOURCE_ID = 0
-KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID = 1
 MAX_VCPUS = 256          # ApicBus capacity; reported as KVM_CAP_MAX_VCPUS
 MAX_VCPU_ID = 4096       # KVM_MAX_VCPU_IDS on x86
 
@@ -63,72 +64,6 @@ def _fd_arg(value, name):
     return value
 
 
-class Vcpu:
-    """One vCPU: its LAPIC, and the guest's side of interrupt handling (HLT, INTA, EOI)."""
-
-    def __init__(self, vm, vcpu_id, lapic):
-        self._vm = vm
-        self.id = vcpu_id
-        self.lapic = lapic          # None when the VM has no in-kernel irqchip (as KVM)
-
-    def _need_lapic(self):
-        self._vm._check_open()
-        if self.lapic is None:
-            raise RuntimeError(f"vCPU {self.id} has no in-kernel LAPIC: create the irqchip "
-                               "before the vCPUs")
-        return self.lapic
-
-    def pending(self):
-        """Vectors pending in the LAPIC IRR, ascending.  O(256)."""
-        return self._need_lapic().irr()
-
-    def in_service(self):
-        """Vectors in service (ISR), ascending.  O(256)."""
-        return self._need_lapic().isr()
-
-    def wait_interrupt(self, timeout=None, poll_ns=None):
-        """Block, like HLT, until an interrupt is deliverable; True if one is, False on timeout.
-
-        Runs without the GIL.  ``poll_ns`` (default: the VM's ``poll_ns``) spins that long
-        before sleeping, like KVM's halt-polling.  Returns False if the VM is closed.
-        """
-        lapic = self._need_lapic()
-        return lapic.wait(timeout, self._vm.poll_ns if poll_ns is None else poll_ns)
-
-    def ack(self):
-        """Acknowledge (INTA): move the highest deliverable vector from IRR to ISR; return it.
-
-        Returns None if nothing is deliverable.  O(1).
-        """
-        return self._need_lapic().ack()
-
-    def eoi(self):
-        """End of interrupt for the highest in-service vector; return it (None if none).
-
-        A level-triggered vector is broadcast to the IOAPIC, which clears remote IRR, runs the
-        pin's ack notifiers (irqfd resamplers) and re-delivers a line that is still high.
-        """
-        r = self._need_lapic().eoi()
-        if r is None:
-            return None
-        vector, level = r
-        if level or self._vm._resamplers:      # the vectors KVM forwards to the IOAPIC
-            self._vm._lapic_eoi(vector, level)
-        return vector
-
-    def take_nmi(self):
-        """Consume a pending NMI; True if there was one."""
-        return self._need_lapic().take_nmi()
-
-    def ioctl(self, request, arg=0, mutate_flag=True):
-        """``fcntl.ioctl`` on this vCPU fd: KVM_GET_LAPIC, KVM_SET_LAPIC, KVM_GET/SET_MP_STATE."""
-        from .ioctl import vcpu_ioctl
-        return vcpu_ioctl(self, request, arg, mutate_flag)
-
-    def __repr__(self):
-        return f"<Vcpu {self.id} pending={self.pending() if self.lapic else None}>"
-
-
 class Vm:
     """An in-process VM with KVM's irqfd, GSI routing and the KVM_IRQFD_DIRECT proposal.
 
@@ -159,11 +94,10 @@ class Vm:
         self._by_fd = {}              # fd number -> the record last assigned under it
         self._tombstones = []         # dead records whose epoll registration is unreachable
         self._graveyard = set()       # deassigned records still on the deferred list
-        self._resamplers = {}         # line -> Resampler
         self._vcpus = {}
         self._routing = GsiRoutingTable.build([], self.arch)
         self._irqchip = False
-        self._pic = self._ioapic = None
+        self._irq = None              # the in-kernel irqchips and resamplers (irq.Irqchip)
         self._errors = []
         self.on_error = None          # callable(exc) for errors in deferred delivery
         self._lapic_image = {}        # vcpu id -> the KVM_SET_LAPIC image (unmodelled registers)
@@ -203,9 +137,8 @@ class Vm:
             self._by_fd = {}
             self._graveyard = set()
             self._tombstones = []
-            for res in self._resamplers.values():
-                res.close()
-            self._resamplers = {}
+            if self._irq is not None:
+                self._irq.close()
             for v in self._vcpus.values():
                 if v.lapic is not None:
                     v.lapic.shutdown()
@@ -263,13 +196,7 @@ class Vm:
                 raise OSError(errno.EEXIST, "irqchip already created")
             if self._vcpus:
                 raise OSError(errno.EINVAL, "irqchip must be created before vCPUs")
-            if self.arch.name == "x86":
-                from .ioapic import Ioapic
-                from .pic import Pic
-                self._pic = Pic()
-                self._ioapic = Ioapic(self._ioapic_deliver)
-                for pin in range(uapi.KVM_IOAPIC_NUM_PINS):
-                    self._ioapic.add_ack_notifier(pin, self._make_ack_notifier(pin))
+            self._irq = Irqchip(self.arch, self._engine, lambda: self._routing)
             self._irqchip = True
             self._install_routing(GsiRoutingTable.build(self.arch.default_routing_pairs(),
                                                         self.arch))
@@ -336,10 +263,10 @@ class Vm:
             word = self._gsi_route_word(table, r.gsi)
             if word == r.route:
                 continue
-            self._settle_deferred(r, lambda: self._inject_gsi(old, r))
+            self._settle_deferred(r, lambda: self._irq.inject_gsi(old, r))
             fd = r.fd if (self._by_fd.get(r.fd) is r and
                           self._engine.is_registered(r, r.fd)) else -1
-            self._retarget(r, word, fd, lambda: self._inject_gsi(old, r))
+            self._retarget(r, word, fd, lambda: self._irq.inject_gsi(old, r))
         self._routing = table
 
     def _gsi_route_word(self, table, gsi):
@@ -422,15 +349,15 @@ class Vm:
             if r is None:
                 raise OSError(errno.ENOENT, f"eventfd {eventfd} has no direct irqfd")
             old = r.entry
-            self._settle_deferred(r, lambda: self._inject_entry(old, r))
+            self._settle_deferred(r, lambda: self._irq.inject_entry(old, r))
             self._retarget(r, self._entry_route_word(entry), eventfd,
-                           lambda: self._inject_entry(old, r))
+                           lambda: self._irq.inject_entry(old, r))
             r.entry = entry
             if r.resampler is not None and entry != old:   # the resampler follows the line
                 keep = os.dup(r.resamplefd)
                 try:
-                    self._drop_resampler(r)
-                    self._attach_resampler(r, keep)
+                    self._irq.drop_resampler(r)
+                    self._irq.attach_resampler(r, keep)
                 finally:
                     os.close(keep)
 
@@ -487,12 +414,12 @@ class Vm:
             r.mark_pending_at_assign()
         try:                                    # nothing half-registered on any failure
             if resamplefd is not None:
-                self._attach_resampler(r, resamplefd)
+                self._irq.attach_resampler(r, resamplefd)
             self._engine.pin(r, eventfd)        # our own reference, as KVM's eventfd_ctx
             self._engine.register(r)
         except BaseException:
             self._engine.unpin(r)
-            self._drop_resampler(r, lower=False)
+            self._irq.drop_resampler(r, lower=False)
             CLAIMS.release(key, self)
             raise
         self._index.add(r)
@@ -506,9 +433,9 @@ class Vm:
         if (r.route >> 13) & 7 == ROUTE_MSI:
             self._engine.deliver(r.route)
         elif r.direct:
-            self._inject_entry(r.entry, r)
+            self._irq.inject_entry(r.entry, r)
         else:
-            self._inject_gsi(self._routing, r)
+            self._irq.inject_gsi(self._routing, r)
 
     def _find_and_detach(self, fd, match):
         r = self._by_fd.get(fd)
@@ -534,7 +461,7 @@ class Vm:
         CLAIMS.release(r.key, self)
         if r.inject_pending:
             self._graveyard.add(r)              # the worker drops it when it pops it
-        self._drop_resampler(r)
+        self._irq.drop_resampler(r)
 
     def _unregister_elsewhere(self, r, fd):
         # ``fd`` refers to r's eventfd under another number than r's registration.  epoll can
@@ -552,28 +479,6 @@ class Vm:
             os.close(tmp)
         self._engine.kill(r)
         self._tombstones.append(r)
-
-    def _drop_resampler(self, r, lower=True):
-        res = r.resampler
-        if res is None:
-            return
-        res.remove(r.resamplefd)
-        r.resampler = r.resamplefd = None
-        if not res.resamplefds:                 # last user: lower the line, as KVM does
-            del self._resamplers[res.line]
-            if lower:
-                self._set_line(res.line, KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID, 0)
-
-    def _attach_resampler(self, r, resamplefd):
-        """Join the resampler of r's line (it keeps its own dup of ``resamplefd``)."""
-        line = ("gsi", r.gsi) if not r.direct else ("entry", r.entry)
-        res = self._resamplers.get(line)
-        if res is None:
-            res = Resampler(line)
-        res.add(resamplefd)                     # may raise (EMFILE): nothing changed then
-        self._resamplers[line] = res
-        r.resampler = res
-        r.resamplefd = res.resamplefds[-1]
 
     def _retarget(self, r, word, fd, inject_old):
         """Switch r to route ``word`` so that no write is lost or misdelivered across it.
@@ -633,9 +538,9 @@ class Vm:
                 r.handled = count
                 try:
                     if r.direct:
-                        self._inject_entry(r.entry, r)
+                        self._irq.inject_entry(r.entry, r)
                     else:
-                        self._inject_gsi(self._routing, r)
+                        self._irq.inject_gsi(self._routing, r)
                 except Exception as exc:          # reported, and the engine carries on
                     self._report_error(exc)
 
@@ -656,73 +561,14 @@ class Vm:
         """Exceptions raised in deferred delivery so far (also passed to ``on_error``)."""
         return list(self._errors)
 
-    def _inject_gsi(self, table, r):
-        if r.resampler is not None:
-            self._set_irq(table, r.gsi, KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID, 1)
-        else:
-            self._set_irq(table, r.gsi, KVM_USERSPACE_IRQ_SOURCE_ID, 1)
-            self._set_irq(table, r.gsi, KVM_USERSPACE_IRQ_SOURCE_ID, 0)
-
-    def _inject_entry(self, entry, r):
-        if r.resampler is not None:
-            self._set_entry(entry, KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID, 1)
-        else:
-            self._set_entry(entry, KVM_USERSPACE_IRQ_SOURCE_ID, 1)
-            self._set_entry(entry, KVM_USERSPACE_IRQ_SOURCE_ID, 0)
-
-    def _set_irq(self, table, gsi, source, level, line_status=False):
-        # kvm_set_irq: every entry of the GSI; the result sums the non-negative ones, -1 if none.
-        ret = -1
-        for entry in table.entries_for(gsi) if 0 <= gsi < uapi.KVM_MAX_IRQ_ROUTES else ():
-            r = self._set_entry(entry, source, level, line_status)
-            if r >= 0:
-                ret = r + max(ret, 0)
-        return ret
-
-    def _set_entry(self, entry, source, level, line_status=False):
-        if isinstance(entry, MsiEntry):
-            if not level:
-                return -1
-            msg = self.arch.decode_msi(entry.address_lo, entry.address_hi, entry.data)
-            return self._engine.deliver(msi_route_word(msg))
-        if isinstance(entry, IrqchipEntry):
-            if entry.irqchip == uapi.KVM_IRQCHIP_IOAPIC:
-                return self._ioapic.set_irq(entry.pin, source, level, line_status)
-            irq = entry.pin + (8 if entry.irqchip == uapi.KVM_IRQCHIP_PIC_SLAVE else 0)
-            return self._pic.set_irq(irq, source, level)
-        return -1
-
-    def _set_line(self, line, source, level):
-        if line[0] == "gsi":
-            return self._set_irq(self._routing, line[1], source, level)
-        return self._set_entry(line[1], source, level)
-
-    def _ioapic_deliver(self, dest_id, dest_logical, delivery_mode, level_trigger, vector):
-        word = (vector & 0xFF | (delivery_mode & 7) << 8 | int(dest_logical) << 11
-                | int(level_trigger) << 12 | 1 << 13 | (dest_id & 0xFFFFFFFF) << 32)
-        return self._engine.deliver(word)
-
-    def _make_ack_notifier(self, pin):
-        def acked():
-            self._ioapic_acked(pin)
-        return acked
-
-    def _ioapic_acked(self, pin):
-        # kvm_notify_acked_irq: resamplers on the GSI(s) routed to this pin, and direct ones.
-        lines = [("entry", IrqchipEntry(uapi.KVM_IRQCHIP_IOAPIC, pin))]
-        gsi = self._routing.irqchip_gsi(uapi.KVM_IRQCHIP_IOAPIC, pin)
-        if gsi is not None:
-            lines.append(("gsi", gsi))
-        for line in lines:
-            res = self._resamplers.get(line)
-            if res is not None:                 # irqfd_resampler_ack
-                self._set_line(line, KVM_IRQFD_RESAMPLE_IRQ_SOURCE_ID, 0)
-                res.signal()
-
     def _lapic_eoi(self, vector, level):
         with self._lock:
-            if self._ioapic is not None:
-                self._ioapic.eoi(vector, level)
+            if self._irq is not None:
+                self._irq.eoi(vector, level)
+
+    @property
+    def _resamplers(self):
+        return self._irq.resamplers if self._irq is not None else {}
 
     def signal_msi(self, address_lo, address_hi=0, data=0, devid=None):
         """KVM_SIGNAL_MSI: deliver one MSI now.  Returns how many LAPICs accepted it (0 if none).
@@ -734,7 +580,7 @@ class Vm:
             self._check_open()
             if not self._irqchip:
                 raise OSError(errno.EINVAL, "KVM_SIGNAL_MSI needs an in-kernel irqchip")
-            return max(0, self._set_entry(entry, KVM_USERSPACE_IRQ_SOURCE_ID, 1))
+            return max(0, self._irq.set_entry(entry, KVM_USERSPACE_IRQ_SOURCE_ID, 1))
 
     def irq_line(self, gsi, level, *, line_status=False):
         """KVM_IRQ_LINE: drive GSI ``gsi`` to ``level`` through its routes; returns KVM's status.
@@ -748,17 +594,17 @@ class Vm:
             self._check_open()
             if not self._irqchip:
                 raise OSError(errno.ENXIO, "KVM_IRQ_LINE needs an in-kernel irqchip")
-            return self._set_irq(self._routing, gsi, KVM_USERSPACE_IRQ_SOURCE_ID, int(bool(level)),
+            return self._irq.set_irq(self._routing, gsi, KVM_USERSPACE_IRQ_SOURCE_ID, int(bool(level)),
                                  line_status)
 
     @property
     def ioapic(self):
         """The IOAPIC model (x86, after create_irqchip), e.g. to program redirection entries."""
-        return self._ioapic
+        return self._irq.ioapic if self._irq is not None else None
 
     @property
     def pic(self):
-        return self._pic
+        return self._irq.pic if self._irq is not None else None
 
     # -- statistics ------------------------------------------------------------------------------
     def stats(self):
