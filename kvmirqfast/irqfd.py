@@ -14,7 +14,6 @@ import weakref
 
 from sortedcontainers import SortedDict
 
-
 from ._engine import IrqfdRecord
 
 # -- route words (the engine's view of a routing entry; layout in _lapic.pxd) ------------------
