@@ -1,0 +1,297 @@
+"""The C side, compiled at run time: baselines, producer, ping-pong device, real-KVM loops."""
+
+import atexit
+import ctypes
+import os
+import shutil
+import subprocess
+import tempfile
+
+
+
+
+# ================================================================================================
+# The C side: baselines, producer, ping-pong device, real-KVM loops
+# ================================================================================================
+C_SOURCE = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+static inline uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
+}
+
+static inline void relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Producer: write 1 to fds[0..k) round-robin until *stop.  rate > 0 paces it (events/s). */
+uint64_t kb_produce(const int *fds, int k, volatile int *stop, double rate,
+                    volatile uint64_t *count)
+{
+    uint64_t one = 1, n = 0, t0 = now_ns();
+    int i = 0, j;
+    while (!*stop) {
+        for (j = 0; j < 64; j++) {
+            if (write(fds[i], &one, 8) == 8)
+                n++;
+            if (++i == k)
+                i = 0;
+        }
+        *count = n;
+        if (rate > 0) {
+            uint64_t due = t0 + (uint64_t)((double)n * 1e9 / rate), t = now_ns();
+            if (due > t) {
+                struct timespec ts = { (time_t)((due - t) / 1000000000ull),
+                                       (long)((due - t) % 1000000000ull) };
+                nanosleep(&ts, NULL);
+            }
+        }
+    }
+    return n;
+}
+
+/* Naive C consumer: level-triggered epoll_wait + one read() per event, set an IRR bit.
+   mode bits (for profiling the engine's choices): 1 = EPOLLET, 2 = preadv2(RWF_NOWAIT) instead
+   of read(), 4 = batches of 512 events (the engine's MAX_EVENTS) instead of 1024. */
+struct kb_consumer {
+    volatile uint64_t events, delivered, batches;
+    volatile int stop;
+    int ready;
+    uint32_t irr[8];
+};
+
+#define KB_MAX_EVENTS 1024
+int kb_consume(const int *fds, int k, struct kb_consumer *st, int mode)
+{
+    struct epoll_event ev, evs[KB_MAX_EVENTS];
+    uint64_t v;
+    struct iovec iov = { &v, 8 };
+    int epfd = epoll_create1(EPOLL_CLOEXEC), i, n, r;
+    int maxev = (mode & 4) ? 512 : KB_MAX_EVENTS;
+    if (epfd < 0)
+        return -errno;
+    for (i = 0; i < k; i++) {
+        ev.events = EPOLLIN | ((mode & 1) ? EPOLLET : 0);
+        ev.data.u64 = (uint64_t)i;
+        if (epoll_ctl(epfd, EPOLL_CTL_ADD, fds[i], &ev) < 0) {
+            int e = errno;
+            close(epfd);
+            return -e;
+        }
+    }
+    st->ready = 1;
+    while (!st->stop) {
+        n = epoll_wait(epfd, evs, maxev, 20);
+        if (n <= 0)
+            continue;
+        for (i = 0; i < n; i++) {
+            int idx = (int)evs[i].data.u64;
+            if (mode & 2)
+                r = (int)preadv2(fds[idx], &iov, 1, -1, RWF_NOWAIT);
+            else
+                r = (int)read(fds[idx], &v, 8);
+            if (r == 8) {
+                int vec = 0x20 + idx % 224;
+                st->irr[vec >> 5] |= 1u << (vec & 31);
+                st->delivered++;
+            }
+        }
+        st->events += n;
+        st->batches++;
+    }
+    close(epfd);
+    return 0;
+}
+
+/* Wait for an eventfd: spin up to spin_ns with non-blocking reads, then block. */
+static int wait_fd(int fd, uint64_t spin_ns, int nonblock)
+{
+    uint64_t v, t0;
+    struct pollfd p;
+    if (!nonblock)
+        return read(fd, &v, 8) == 8 ? 0 : -1;
+    t0 = spin_ns ? now_ns() : 0;
+    for (;;) {
+        if (read(fd, &v, 8) == 8)
+            return 0;
+        if (errno != EAGAIN)
+            return -1;
+        if (spin_ns && now_ns() - t0 < spin_ns) {
+            relax();
+            continue;
+        }
+        p.fd = fd;
+        p.events = POLLIN;
+        poll(&p, 1, -1);
+    }
+}
+
+/* Ping-pong device side: write out_fd, wait for in_fd; one round-trip sample (ns) per iteration.
+   in_fd must be non-blocking iff spin_ns > 0.  Returns the number of samples taken. */
+int kb_pp_device(int out_fd, int in_fd, int iters, uint64_t spin_ns, uint64_t budget_ns,
+                 uint64_t *samples, volatile int *done)
+{
+    uint64_t one = 1, start = now_ns(), t0;
+    int i;
+    for (i = 0; i < iters; i++) {
+        if (now_ns() - start > budget_ns)
+            break;
+        t0 = now_ns();
+        if (write(out_fd, &one, 8) != 8)
+            break;
+        if (wait_fd(in_fd, spin_ns, spin_ns != 0) < 0)
+            break;
+        samples[i] = now_ns() - t0;
+    }
+    *done = 1;
+    return i;
+}
+
+struct pp_resp { int a, b, iters; uint64_t spin; volatile int *done; };
+
+static void *pp_responder(void *arg)
+{
+    struct pp_resp *r = arg;
+    uint64_t one = 1, v;
+    for (;;) {
+        if (r->spin) {
+            while (read(r->a, &v, 8) != 8) {
+                if (*r->done)
+                    return NULL;
+                relax();
+            }
+        } else if (read(r->a, &v, 8) != 8) {
+            return NULL;
+        }
+        if (*r->done)
+            return NULL;
+        write(r->b, &one, 8);
+    }
+}
+
+/* C ping-pong between two threads: blocking reads (spin = 0) or both sides spinning. */
+int kb_pp_c(int iters, int spin, uint64_t budget_ns, uint64_t *samples)
+{
+    volatile int done = 0;
+    uint64_t big = 1;
+    int flags = EFD_CLOEXEC | (spin ? EFD_NONBLOCK : 0), n;
+    struct pp_resp r;
+    pthread_t t;
+    r.a = eventfd(0, flags);
+    r.b = eventfd(0, flags);
+    r.iters = iters;
+    r.spin = spin;
+    r.done = &done;
+    if (r.a < 0 || r.b < 0)
+        return -errno;
+    pthread_create(&t, NULL, pp_responder, &r);
+    n = kb_pp_device(r.a, r.b, iters, spin ? ~0ull : 0, budget_ns, samples, &done);
+    write(r.a, &big, 8);              /* release a responder blocked in read() */
+    pthread_join(t, NULL);
+    close(r.a);
+    close(r.b);
+    return n;
+}
+
+/* ns for `iters` eventfd writes round-robin over fds[0..k). */
+uint64_t kb_write_rr(const int *fds, int k, uint64_t iters)
+{
+    uint64_t one = 1, t0 = now_ns(), i;
+    int j = 0;
+    for (i = 0; i < iters; i++) {
+        write(fds[j], &one, 8);
+        if (++j == k)
+            j = 0;
+    }
+    return now_ns() - t0;
+}
+
+/* KVM_IRQFD on fds[0..n) (gsi = i % gsi_mod): ns in total, or -errno. */
+int64_t kb_irqfd_loop(int vmfd, unsigned long req, const int *fds, int n, uint32_t gsi_mod,
+                      uint32_t flags)
+{
+    struct { uint32_t fd, gsi, flags, resamplefd; uint8_t pad[16]; } a;
+    uint64_t t0 = now_ns();
+    int i;
+    for (i = 0; i < n; i++) {
+        memset(&a, 0, sizeof(a));
+        a.fd = (uint32_t)fds[i];
+        a.gsi = (uint32_t)i % gsi_mod;
+        a.flags = flags;
+        if (ioctl(vmfd, req, &a) < 0)
+            return -errno;
+    }
+    return (int64_t)(now_ns() - t0);
+}
+"""
+
+
+class _ConsumerState(ctypes.Structure):
+    _fields_ = [("events", ctypes.c_uint64), ("delivered", ctypes.c_uint64),
+                ("batches", ctypes.c_uint64), ("stop", ctypes.c_int), ("ready", ctypes.c_int),
+                ("irr", ctypes.c_uint32 * 8)]
+
+
+_CLIB = None
+_CLIB_REASON = None
+
+
+def c_library():
+    """Compile (once per process) and load the C helpers.  Returns (lib or None, reason)."""
+    global _CLIB, _CLIB_REASON
+    if _CLIB is not None or _CLIB_REASON is not None:
+        return _CLIB, _CLIB_REASON
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        _CLIB_REASON = "no C compiler (set $CC or install cc): C baselines skipped"
+        return None, _CLIB_REASON
+    tmp = tempfile.mkdtemp(prefix="kvmirqfast-bench-")
+    atexit.register(shutil.rmtree, tmp, True)
+    src, so = os.path.join(tmp, "kb.c"), os.path.join(tmp, "kb.so")
+    with open(src, "w") as f:
+        f.write(C_SOURCE)
+    proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-pthread", "-o", so, src],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        _CLIB_REASON = f"{cc} failed: {proc.stderr.strip()[:300]}; C baselines skipped"
+        return None, _CLIB_REASON
+    lib = ctypes.CDLL(so)                     # CDLL: every call releases the GIL
+    P = ctypes.POINTER
+    u64, i32 = ctypes.c_uint64, ctypes.c_int
+    lib.kb_produce.argtypes = [P(i32), i32, P(i32), ctypes.c_double, P(u64)]
+    lib.kb_produce.restype = u64
+    lib.kb_consume.argtypes = [P(i32), i32, P(_ConsumerState), i32]
+    lib.kb_consume.restype = i32
+    lib.kb_pp_device.argtypes = [i32, i32, i32, u64, u64, P(u64), P(i32)]
+    lib.kb_pp_device.restype = i32
+    lib.kb_pp_c.argtypes = [i32, i32, u64, P(u64)]
+    lib.kb_pp_c.restype = i32
+    lib.kb_write_rr.argtypes = [P(i32), i32, u64]
+    lib.kb_write_rr.restype = u64
+    lib.kb_irqfd_loop.argtypes = [i32, ctypes.c_ulong, P(i32), i32, ctypes.c_uint32,
+                                  ctypes.c_uint32]
+    lib.kb_irqfd_loop.restype = ctypes.c_int64
+    _CLIB = lib
+    return lib, None
+
+
+def _int_array(values):
+    return (ctypes.c_int * len(values))(*values)
