@@ -2,9 +2,11 @@
 """The engine: eventfd write -> epoll -> irqfd record -> route -> LAPIC, without the GIL.
 
 One native thread blocks in epoll_wait on every assigned eventfd (edge-triggered).  For each
-wakeup it does what KVM's irqfd_wakeup does: consume the eventfd counter, take the irqfd's route,
+wakeup it does what KVM's irqfd_wakeup does: take the irqfd's route, consume the eventfd counter,
 deliver an MSI at once ("inatomic"), and hand anything else to the deferred worker, a Python
-thread that plays irqfd_inject.
+thread that plays irqfd_inject.  The counters of a whole batch are read by one io_uring_enter
+through the engine's own references to the eventfds (fixed files), as KVM reads through its
+eventfd_ctx rather than an fd number.
 
 Ordering rules, stated once:
 * ``batch_seq`` is odd while the engine holds records returned by epoll_wait.  The control plane
@@ -14,6 +16,8 @@ Ordering rules, stated once:
   KVM's synchronize_srcu() after an irqfd update, in a dozen lines.
 * The engine loads the route before it consumes the counter, so a write it consumes was made
   after the route it delivers with was current (see Vm._retarget).
+* Only the engine thread touches the io_uring SQ/CQ; fixed-file slots change (pin/unpin) from
+  the control plane, and a slot is emptied only after its record is dead and synchronized.
 """
 
 from cpython.ref cimport PyObject
@@ -28,10 +32,6 @@ from kvmirqfast._lapic cimport (apic_bus_t, ApicBus, apic_bus_deliver, route_kin
 
 import os
 import resource
-
-
-cdef extern from *:
-    int EOPNOTSUPP
 
 
 cdef class IrqfdRecord:
