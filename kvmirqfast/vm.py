@@ -89,7 +89,9 @@ class Vm:
         self._pid = os.getpid()               # fork(): the child gets no engine thread
         _LIVE_VMS.add(self)
         self._bus = ApicBus()
-        self._engine = Engine(self._bus)
+        # io_uring gives the engine its own eventfd references and batched reads; without it
+        # (or with KVMIRQFAST_NO_IO_URING=1) it reads through the assigned fd numbers.
+        self._engine = Engine(self._bus, os.environ.get("KVMIRQFAST_NO_IO_URING", "0") in ("", "0"))
         self._index = IrqfdIndex()
         self._by_fd = {}              # fd number -> the record last assigned under it
         self._tombstones = []         # dead records whose epoll registration is unreachable
@@ -611,6 +613,7 @@ class Vm:
         """Engine counters (events, delivered, deferred, batches, cpu_ns, ...) and sizes."""
         s = self._engine.stats()
         s["irqfds"] = len(self._index)
+        s["io_uring"] = self._engine.uses_ring   # own eventfd references + batched reads
         s["deferred_errors"] = len(self._errors)
         return s
 

@@ -427,3 +427,30 @@ def test_modify_keeps_an_already_consumed_event_on_the_old_irqchip_target(vm, fd
         vm.irqfd_direct_modify(e, msi(1, 0x57))
     assert wait_until(lambda: cpus[0].pending() == [0x56])
     assert stays(lambda: cpus[1].pending() == [], 0.1)
+
+
+def test_engine_without_io_uring_still_delivers_retargets_and_detaches(monkeypatch):
+    # The fallback path (no io_uring: reads through the assigned fd numbers) keeps KVM's
+    # semantics for everything that does not involve closing an assigned fd number.
+    monkeypatch.setenv("KVMIRQFAST_NO_IO_URING", "1")
+    from kvmirqfast.selftest import selftest
+    with Vm(irqchip=True) as vm:
+        assert vm.stats()["io_uring"] is False
+        cpus = [vm.create_vcpu(i) for i in range(2)]
+        e = os.eventfd(0)
+        try:
+            vm.irqfd_direct(e, MsiEntry(*msi_address(0), msi_data(0x41)))
+            os.eventfd_write(e, 1)
+            assert cpus[0].wait_interrupt(timeout=5) and cpus[0].ack() == 0x41
+            cpus[0].eoi()
+            vm.irqfd_direct_modify(e, MsiEntry(*msi_address(1), msi_data(0x42)))
+            os.eventfd_write(e, 1)
+            assert cpus[1].wait_interrupt(timeout=5) and cpus[1].ack() == 0x42
+            cpus[1].eoi()
+            assert vm.irqfd_direct_deassign(e)
+            os.eventfd_write(e, 1)
+            assert not cpus[0].wait_interrupt(timeout=0.1) and not cpus[1].wait_interrupt(timeout=0)
+        finally:
+            os.close(e)
+    report = selftest(irqfds=500, vcpus=2, out=None)
+    assert report.ok and report.delivered == 1000
