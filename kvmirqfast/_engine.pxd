@@ -2,7 +2,7 @@
 
 from libc.stdint cimport uint32_t, uint64_t
 from kvmirqfast._sys cimport pthread_t, pthread_mutex_t, pthread_cond_t, kif_ring
-from kvmirqfast._lapic cimport apic_bus_t, ApicBus
+from kvmirqfast._lapic cimport apic_bus_t, ApicBus, Lapic
 
 cdef enum:
     IRQFD_DEAD = 1          # deassigned: the engine must not touch its eventfd or route again
@@ -43,6 +43,11 @@ cdef struct engine_t:
     apic_bus_t *bus
     kif_ring ring           # fixed files (our eventfd references) and batched reads
     bint has_ring           # io_uring is usable; else reads go through the registered fd
+    pthread_mutex_t batch_lock  # one batch at a time: the engine's or a halt-polling vCPU's
+    uint32_t pollers        # vCPUs halt-polling (harvesting themselves): the engine stands aside
+    uint32_t _pad2
+    uint64_t poll_lease     # until then a vCPU is expected back to poll (monotonic ns)
+    engine_stats_t vstats   # what halt-polling vCPUs harvested (atomic adds)
     pthread_mutex_t dlock   # protects dhead and dstop
     pthread_cond_t dcond
     irqfd_t *dhead
@@ -72,3 +77,4 @@ cdef class Engine:
     cdef public object ring_error   # why io_uring is not used, or None
     cdef void _stop_thread(self) noexcept
     cdef void _release(self) noexcept
+    cdef void _release_locked(self) noexcept

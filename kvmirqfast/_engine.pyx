@@ -27,8 +27,8 @@ from libc.string cimport memset
 from posix.unistd cimport getpid
 
 from kvmirqfast._sys cimport *
-from kvmirqfast._lapic cimport (apic_bus_t, ApicBus, apic_bus_deliver, route_kind,
-                                ROUTE_MSI, ROUTE_NONE)
+from kvmirqfast._lapic cimport (apic_bus_t, ApicBus, Lapic, apic_bus_deliver, deliverable,
+                                route_kind, ROUTE_MSI, ROUTE_NONE)
 
 import os
 import resource
@@ -203,8 +203,10 @@ cdef void *engine_main(void *arg) noexcept nogil:
     cdef uint64_t last_event = 0
     memset(&st, 0, sizeof(st))
     while not kif_load32(&e.stop):
+        if stand_aside(e):
+            continue
         timeout = -1
-        if e.poll_ns and kif_now_ns() - last_event < e.poll_ns:
+        if e.poll_ns and not kif_load32(&e.pollers) and kif_now_ns() - last_event < e.poll_ns:
             timeout = 0                          # halt-polling: spin instead of sleeping
             st.polls += 1
         n = epoll_wait(e.epfd, events, MAX_EVENTS, timeout)
@@ -212,16 +214,57 @@ cdef void *engine_main(void *arg) noexcept nogil:
             if timeout == 0:
                 kif_cpu_relax()
             continue
-        kif_add64(&e.batch_seq, 1)               # odd: we hold records
-        engine_batch(e, events, n, &st)
-        st.events += n
-        st.batches += 1
-        kif_add64(&e.batch_seq, 1)               # even: records released
+        run_batch(e, events, n, &st)
         if e.poll_ns:
             last_event = kif_now_ns()
         publish_stats(e, &st)
     publish_stats(e, &st)
     return NULL
+
+
+cdef inline bint stand_aside(engine_t *e) noexcept nogil:
+    # While a vCPU halt-polls (or is expected back soon: the lease), it harvests the eventfds
+    # itself; if the engine also sat in epoll_wait, every write would wake it for nothing, on a
+    # CPU the device needs.  Sleep until the lease ends (bounded), then look again.
+    cdef uint32_t pollers = kif_load32(&e.pollers)
+    cdef uint64_t now = kif_now_ns(), lease = kif_load64(&e.poll_lease)
+    cdef timespec ts
+    cdef uint64_t nap
+    if not pollers and now >= lease:
+        return False
+    nap = lease - now if lease > now else 1000000
+    if nap > 1000000:
+        nap = 1000000
+    ts.tv_sec = 0
+    ts.tv_nsec = <long>nap
+    kif_futex_wait(&e.pollers, pollers, &ts)
+    return True
+
+
+cdef inline void run_batch(engine_t *e, epoll_event *events, int n,
+                           engine_stats_t *st) noexcept nogil:
+    # The engine thread and halt-polling vCPU threads harvest the same epoll set; each event
+    # goes to one of them.  batch_lock lets one batch run at a time (the io_uring SQ/CQ have one
+    # user); batch_seq is odd while it runs (see synchronize).
+    pthread_mutex_lock(&e.batch_lock)
+    if kif_load32(&e.stop):                      # closing: the records may be going away
+        pthread_mutex_unlock(&e.batch_lock)
+        return
+    kif_add64(&e.batch_seq, 1)                   # odd: we hold records
+    engine_batch(e, events, n, st)
+    st.events += n
+    st.batches += 1
+    kif_add64(&e.batch_seq, 1)                   # even: records released
+    pthread_mutex_unlock(&e.batch_lock)
+
+
+cdef inline void add_stats(engine_stats_t *to, engine_stats_t *st) noexcept nogil:
+    kif_add64_relaxed(&to.events, st.events)
+    kif_add64_relaxed(&to.delivered, st.delivered)
+    kif_add64_relaxed(&to.deferred, st.deferred)
+    kif_add64_relaxed(&to.no_target, st.no_target)
+    kif_add64_relaxed(&to.empty, st.empty)
+    kif_add64_relaxed(&to.batches, st.batches)
 
 
 cdef inline void publish_stats(engine_t *e, engine_stats_t *st) noexcept nogil:
@@ -290,6 +333,7 @@ cdef class Engine:
         self.e.ring.fd = -1
         self.e.bus = &bus.bus
         pthread_mutex_init(&self.e.dlock, NULL)
+        pthread_mutex_init(&self.e.batch_lock, NULL)
         pthread_cond_init(&self.e.dcond, NULL)
         self.e.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.e.epfd < 0:
@@ -321,6 +365,7 @@ cdef class Engine:
             self._stop_thread()
             self._release()
             pthread_mutex_destroy(&self.e.dlock)
+            pthread_mutex_destroy(&self.e.batch_lock)
             pthread_cond_destroy(&self.e.dcond)
             free(self.e)
             self.e = NULL
@@ -343,11 +388,18 @@ cdef class Engine:
             return
         kif_store32(&self.e.stop, 1)
         write(self.e.wakefd, &one, 8)
+        kif_futex_wake(&self.e.pollers, 1)      # if it stands aside for a polling vCPU
         with nogil:
             pthread_join(self.thread, NULL)
         self.started = False
 
     cdef void _release(self) noexcept:
+        with nogil:
+            pthread_mutex_lock(&self.e.batch_lock)
+        self._release_locked()
+        pthread_mutex_unlock(&self.e.batch_lock)
+
+    cdef void _release_locked(self) noexcept:
         if self.e.ring.fd >= 0:
             for slot in self._pinned:            # drop our references to every eventfd
                 kif_ring_set_file(&self.e.ring, slot, -1)
@@ -501,6 +553,44 @@ cdef class Engine:
     def clear_assign_count(self, IrqfdRecord r not None):
         kif_and32(&r.rec.flags, ~(<uint32_t>(IRQFD_PENDING_AT_ASSIGN | IRQFD_UNCONSUMED)))
 
+    def halt_poll(self, Lapic lapic not None, uint64_t poll_ns):
+        """Halt-polling for a vCPU: spin up to ``poll_ns`` until ``lapic`` has an interrupt,
+        harvesting the eventfds itself meanwhile, so a device write reaches the polling vCPU
+        without waking the engine thread (which stops polling while a vCPU does).
+
+        True as soon as an interrupt is deliverable, False when the window ends.  No GIL.
+        """
+        cdef epoll_event events[MAX_EVENTS]
+        cdef engine_stats_t st
+        cdef uint64_t start
+        cdef int n
+        cdef bint got = False
+        if self.closed:
+            return False
+        memset(&st, 0, sizeof(st))
+        with nogil:
+            kif_add32(&self.e.pollers, 1)
+            start = kif_now_ns()
+            while not kif_load32(&self.e.stop):
+                if deliverable(lapic.l) >= 0:
+                    got = True
+                    break
+                if kif_now_ns() - start >= poll_ns:
+                    break
+                n = epoll_wait(self.e.epfd, events, MAX_EVENTS, 0)
+                if n > 0:
+                    run_batch(self.e, events, n, &st)
+                else:
+                    kif_cpu_relax()
+            # Found an interrupt: the vCPU will be back soon, keep the engine aside a while.
+            # Timed out idle: it is going to sleep, hand the eventfds back to the engine now.
+            kif_store64(&self.e.poll_lease, kif_now_ns() + poll_ns if got else 0)
+            kif_sub32(&self.e.pollers, 1)
+            if not got:
+                kif_futex_wake(&self.e.pollers, 1)
+            add_stats(&self.e.vstats, &st)
+        return got
+
     def synchronize(self):
         """Wait until the engine holds no record it held when this was called.  Usually O(1)."""
         cdef uint64_t s
@@ -561,13 +651,16 @@ cdef class Engine:
         """Counters since start, as a dict (see engine_stats_t), plus the thread's CPU time."""
         cdef clockid_t clk
         cdef timespec ts
+        cdef engine_stats_t *a = &self.e.stats
+        cdef engine_stats_t *v = &self.e.vstats
         d = {
-            "events": kif_load64_relaxed(&self.e.stats.events),
-            "delivered": kif_load64_relaxed(&self.e.stats.delivered),
-            "deferred": kif_load64_relaxed(&self.e.stats.deferred),
-            "no_target": kif_load64_relaxed(&self.e.stats.no_target),
-            "empty": kif_load64_relaxed(&self.e.stats.empty),
-            "batches": kif_load64_relaxed(&self.e.stats.batches),
+            "events": kif_load64_relaxed(&a.events) + kif_load64_relaxed(&v.events),
+            "delivered": kif_load64_relaxed(&a.delivered) + kif_load64_relaxed(&v.delivered),
+            "deferred": kif_load64_relaxed(&a.deferred) + kif_load64_relaxed(&v.deferred),
+            "no_target": kif_load64_relaxed(&a.no_target) + kif_load64_relaxed(&v.no_target),
+            "empty": kif_load64_relaxed(&a.empty) + kif_load64_relaxed(&v.empty),
+            "batches": kif_load64_relaxed(&a.batches) + kif_load64_relaxed(&v.batches),
+            "vcpu_harvested": kif_load64_relaxed(&v.events),
             "polls": kif_load64_relaxed(&self.e.stats.polls),
             "cpu_ns": None,
         }

@@ -44,6 +44,32 @@ cdef struct apic_bus_t:
     lapic_t *lapics[MAX_VCPUS]
 
 
+cdef extern from *:
+    int __builtin_clz(unsigned int x) nogil
+
+
+cdef inline int highest_bit(const uint32_t *reg) noexcept nogil:
+    cdef int w
+    cdef uint32_t v
+    for w in range(7, -1, -1):
+        v = kif_load32_relaxed(&reg[w])
+        if v:
+            return w * 32 + 31 - __builtin_clz(v)
+    return -1
+
+
+cdef inline int deliverable(lapic_t *l) noexcept nogil:
+    """The vector the guest would take next (highest IRR above the in-service class), or -1."""
+    cdef int irr = highest_bit(l.irr)
+    cdef int isr
+    if irr < 0:
+        return -1
+    isr = highest_bit(l.isr)
+    if isr >= 0 and (irr & 0xF0) <= (isr & 0xF0):
+        return -1
+    return irr
+
+
 cdef inline uint64_t route_kind(uint64_t route) noexcept nogil:
     return (route >> 13) & 7
 

@@ -18,32 +18,6 @@ cdef extern from "<stdlib.h>" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
 
 
-cdef inline int highest_bit(const uint32_t *reg) noexcept nogil:
-    cdef int w
-    cdef uint32_t v
-    for w in range(7, -1, -1):
-        v = kif_load32_relaxed(&reg[w])
-        if v:
-            return w * 32 + 31 - __builtin_clz(v)
-    return -1
-
-
-cdef extern from *:
-    int __builtin_clz(unsigned int x) nogil
-
-
-cdef inline int deliverable(lapic_t *l) noexcept nogil:
-    """The vector the guest would take next (highest IRR above the in-service class), or -1."""
-    cdef int irr = highest_bit(l.irr)
-    cdef int isr
-    if irr < 0:
-        return -1
-    isr = highest_bit(l.isr)
-    if isr >= 0 and (irr & 0xF0) <= (isr & 0xF0):
-        return -1
-    return irr
-
-
 cdef list bits_to_vectors(const uint32_t *reg):
     cdef list out = []
     cdef int w, b

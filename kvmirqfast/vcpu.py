@@ -1,5 +1,7 @@
 """The guest's side of a vCPU: its LAPIC, HLT (``wait_interrupt``), INTA (``ack``) and EOI."""
 
+import time
+
 from .ioctl import vcpu_ioctl
 
 
@@ -29,11 +31,21 @@ class Vcpu:
     def wait_interrupt(self, timeout=None, poll_ns=None):
         """Block, like HLT, until an interrupt is deliverable; True if one is, False on timeout.
 
-        Runs without the GIL.  ``poll_ns`` (default: the VM's ``poll_ns``) spins that long
-        before sleeping, like KVM's halt-polling.  Returns False if the VM is closed.
+        Runs without the GIL.  ``poll_ns`` (default: the VM's ``poll_ns``) is halt-polling: for
+        that long the vCPU spins and harvests the eventfds itself, so a device write reaches it
+        without waking the engine thread; then it sleeps.  Returns False if the VM is closed.
         """
         lapic = self._need_lapic()
-        return lapic.wait(timeout, self._vm.poll_ns if poll_ns is None else poll_ns)
+        poll = self._vm.poll_ns if poll_ns is None else poll_ns
+        if poll:
+            if timeout is not None:
+                poll = min(poll, int(timeout * 1e9))
+            start = time.monotonic()
+            if self._vm._engine.halt_poll(lapic, poll):
+                return True
+            if timeout is not None:
+                timeout = max(0.0, timeout - (time.monotonic() - start))
+        return lapic.wait(timeout, 0)
 
     def ack(self):
         """Acknowledge (INTA): move the highest deliverable vector from IRR to ISR; return it.

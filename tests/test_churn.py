@@ -101,13 +101,13 @@ class Churn:
     VEC_LO, VEC_HI = 0x20, 0xFE
 
     def __init__(self, *, seconds, n_vcpus=8, n_direct=640, n_legacy=64, n_devices=4,
-                 n_direct_ctl=2, seed=None):
+                 n_direct_ctl=2, seed=None, poll_ns=0):
         self.seconds = seconds
         self.rng_seed = random.randrange(1 << 30) if seed is None else seed
         self.n_vcpus = n_vcpus
         self.n_devices = n_devices
         self.n_direct_ctl = n_direct_ctl
-        self.vm = Vm(irqchip=True)
+        self.vm = Vm(irqchip=True, poll_ns=poll_ns)
         self.cpus = [self.vm.create_vcpu(c) for c in range(n_vcpus)]
         self.slots = [Slot(i, False) for i in range(n_direct)]
         self.slots += [Slot(n_direct + j, True, gsi=100 + j) for j in range(n_legacy)]
@@ -502,6 +502,7 @@ def run_churn(**kw):
     alive, stats = ch.run()
     figures, problems = ch.check()
     figures["engine_events"] = stats["events"]
+    figures["vcpu_harvested"] = stats.get("vcpu_harvested", 0)
     print(f"\nchurn figures: {figures}")
     assert not ch.errors, ch.errors
     assert not alive, f"threads did not stop: {alive}"
@@ -514,6 +515,13 @@ def run_churn(**kw):
 def test_churn_short():
     """A few seconds of flood + churn: lost = 0, misdelivered = 0."""
     run_churn(seconds=3.0)
+
+
+def test_churn_short_with_halt_polling_vcpus():
+    """The same with vCPUs that halt-poll: they harvest the eventfds themselves, concurrently
+    with each other and the engine, while irqfds are retargeted and deassigned."""
+    figures = run_churn(seconds=3.0, poll_ns=200_000)
+    assert figures["delivered"] > 0 and figures["vcpu_harvested"] > 0
 
 
 @pytest.mark.slow

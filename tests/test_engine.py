@@ -376,12 +376,20 @@ def test_halt_polling_engine_still_delivers(fds):
         cpu = vm.create_vcpu(0)
         e = fds.eventfd()
         vm.irqfd_direct(e, msi(0, 0x41))
-        for _ in range(20):
+        for _ in range(20):                      # the vCPU sleeps: the engine halt-polls
+            os.eventfd_write(e, 1)
+            assert cpu.wait_interrupt(timeout=WAIT, poll_ns=0)
+            assert cpu.ack() == 0x41
+            cpu.eoi()
+        assert vm.stats()["polls"] > 0
+        for _ in range(20):                      # the vCPU halt-polls and harvests itself
             os.eventfd_write(e, 1)
             assert cpu.wait_interrupt(timeout=WAIT)
             assert cpu.ack() == 0x41
             cpu.eoi()
-        assert vm.stats()["polls"] > 0
+        assert vm.stats()["vcpu_harvested"] > 0
+        # the engine publishes its counters after each batch: wait for the last one
+        assert wait_until(lambda: vm.stats()["delivered"] == 40)
         vm.poll_ns = 0
         assert vm.poll_ns == 0
         with pytest.raises(ValueError):
