@@ -584,7 +584,10 @@ cdef class Engine:
                     kif_cpu_relax()
             # Found an interrupt: the vCPU will be back soon, keep the engine aside a while.
             # Timed out idle: it is going to sleep, hand the eventfds back to the engine now.
-            kif_store64(&self.e.poll_lease, kif_now_ns() + poll_ns if got else 0)
+            # (The lease is capped: a long poll window must not keep events waiting long when
+            # the vCPU does not come back.)
+            kif_store64(&self.e.poll_lease,
+                        kif_now_ns() + (poll_ns if poll_ns < 1000000 else 1000000) if got else 0)
             kif_sub32(&self.e.pollers, 1)
             if not got:
                 kif_futex_wake(&self.e.pollers, 1)
