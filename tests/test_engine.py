@@ -8,6 +8,7 @@ call returns; the engine's counters add up.
 import os
 import resource
 import threading
+import time
 
 import pytest
 
@@ -462,3 +463,20 @@ def test_engine_without_io_uring_still_delivers_retargets_and_detaches(monkeypat
             os.close(e)
     report = selftest(irqfds=500, vcpus=2, out=None)
     assert report.ok and report.delivered == 1000
+
+
+def test_events_after_a_halt_polling_hit_are_delivered_even_if_the_vcpu_does_not_come_back(fds):
+    # After a hit the engine stands aside for a short lease, expecting the vCPU to poll again;
+    # the lease is capped (1 ms), so with a 1 s poll window a later write still arrives quickly.
+    with Vm(irqchip=True, poll_ns=1_000_000_000) as vm:
+        cpu = vm.create_vcpu(0)
+        a, b = fds.eventfd(), fds.eventfd()
+        vm.irqfd_direct(a, msi(0, 0x41))
+        vm.irqfd_direct(b, msi(0, 0x42))
+        for _ in range(5):                        # hits: the engine settles into standing aside
+            os.eventfd_write(a, 1)
+            assert cpu.wait_interrupt(timeout=WAIT) and cpu.ack() == 0x41
+            cpu.eoi()
+        time.sleep(0.01)
+        os.eventfd_write(b, 1)                    # nobody polls now: the engine must take it
+        assert wait_until(lambda: 0x42 in cpu.pending(), timeout=0.3)
