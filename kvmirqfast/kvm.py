@@ -69,11 +69,22 @@ def _unavailable(err, what, hint=""):
 
 
 def kvm_usable(device="/dev/kvm"):
-    """``(True, "")`` if a VM can be created on ``device``, else ``(False, reason)``."""
+    """``(True, "")`` if ``device`` can create a VM with an in-kernel irqchip, else
+    ``(False, reason)``.  The one probe the plugin, the benchmarks and the tests share."""
     try:
-        KvmVm(device=device).close()
-    except KvmUnavailable as e:
-        return False, str(e)
+        kvm = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return False, f"{device} is not usable: {e.strerror}"
+    try:
+        vm = fcntl.ioctl(kvm, uapi.KVM_CREATE_VM, 0)
+        try:
+            fcntl.ioctl(vm, uapi.KVM_CREATE_IRQCHIP, 0)
+        finally:
+            os.close(vm)
+    except OSError as e:
+        return False, f"a VM with an irqchip cannot be created on {device}: {e.strerror}"
+    finally:
+        os.close(kvm)
     return True, ""
 
 

@@ -27,19 +27,9 @@ def pytest_addoption(parser):
 
 def kvm_unusable_reason():
     """None if /dev/kvm can create a VM here, else why not."""
-    import fcntl
-    from kvmirqfast import uapi
-    try:
-        kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError as e:
-        return f"/dev/kvm is not usable: {e.strerror}"
-    try:
-        os.close(fcntl.ioctl(kvm, uapi.KVM_CREATE_VM, 0))
-    except OSError as e:
-        return f"KVM_CREATE_VM failed: {e.strerror}"
-    finally:
-        os.close(kvm)
-    return None
+    from kvmirqfast.kvm import kvm_usable
+    ok, reason = kvm_usable()
+    return None if ok else reason
 
 
 def pytest_generate_tests(metafunc):

@@ -11,24 +11,10 @@ import os
 import pytest
 
 from kvmirqfast import uapi
+from kvmirqfast.kvm import kvm_usable
 
 
-def _probe():
-    try:
-        kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError as e:
-        return False, f"/dev/kvm not usable: {e.strerror}"
-    try:
-        vm = fcntl.ioctl(kvm, uapi.KVM_CREATE_VM, 0)
-        os.close(vm)
-    except OSError as e:
-        return False, f"KVM_CREATE_VM failed: {e.strerror}"
-    finally:
-        os.close(kvm)
-    return True, ""
-
-
-KVM_USABLE, KVM_REASON = _probe()
+KVM_USABLE, KVM_REASON = kvm_usable()
 requires_kvm = pytest.mark.skipif(not KVM_USABLE, reason=KVM_REASON or "kvm usable")
 
 

@@ -96,21 +96,8 @@ class _BusyThread:
 
 def kvm_usable():
     """(True, "") if /dev/kvm can create a VM with an irqchip, else (False, reason)."""
-    try:
-        kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError as e:
-        return False, f"/dev/kvm not usable ({e.strerror})"
-    try:
-        vm = fcntl.ioctl(kvm, uapi.KVM_CREATE_VM, 0)
-        try:
-            fcntl.ioctl(vm, uapi.KVM_CREATE_IRQCHIP, 0)
-        finally:
-            os.close(vm)
-    except OSError as e:
-        return False, f"real KVM VM with irqchip failed ({e.strerror})"
-    finally:
-        os.close(kvm)
-    return True, ""
+    from ..kvm import kvm_usable as probe
+    return probe()
 
 
 class _RealKvm:
