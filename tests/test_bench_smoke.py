@@ -64,7 +64,12 @@ def test_table_and_json(result):
     assert doc["machine_info"]["cpu"]["count"]
     assert doc["benchmarks"]
     for b in doc["benchmarks"]:
-        assert b["name"] and b["stats"]["median"] > 0 and "extra_info" in b
+        assert b["name"] and "extra_info" in b
+        # RSS is page-granular: the tiny run's 256 irqfds may fit in pages already resident.
+        if b["name"].startswith("memory[rss"):
+            assert b["stats"]["median"] >= 0
+        else:
+            assert b["stats"]["median"] > 0, b["name"]
 
 
 def test_unknown_figure_is_refused():
