@@ -7,7 +7,8 @@ from kvmirqfast._lapic cimport apic_bus_t, ApicBus, Lapic
 cdef enum:
     IRQFD_DEAD = 1          # deassigned: the engine must not touch its eventfd or route again
     IRQFD_PENDING_AT_ASSIGN = 2   # a count found at assign was delivered: skip ADD's wakeup
-    IRQFD_UNCONSUMED = 4    # that count is still in the counter (KVM never read it)
+    IRQFD_UNCONSUMED = 4    # that count is still in the counter (KVM never read it); set only
+                            # by the engine's wakeup, cleared when the counter is taken
     MAX_EVENTS = 512        # epoll_wait batch
 
 # One assigned irqfd.  The epoll registration's data.ptr points here, so a wakeup goes straight
@@ -74,6 +75,7 @@ cdef class Engine:
     cdef list _free_slots       # free fixed-file slots (control plane, under the Vm lock)
     cdef set _pinned            # slots in use, cleared before the ring goes back to the pool
     cdef unsigned nfiles
+    cdef unsigned next_slot     # slots below it have been used; above, never
     cdef public object ring_error   # why io_uring is not used, or None
     cdef void _stop_thread(self) noexcept
     cdef void _release(self) noexcept

@@ -130,8 +130,6 @@ cdef inline bint consume(int fd) noexcept nogil:
 cdef inline void irqfd_inject(engine_t *e, irqfd_t *irqfd, uint64_t route,
                               engine_stats_t *st) noexcept nogil:
     # The counter was consumed: deliver with the route loaded before consuming.
-    if kif_load32(&irqfd.flags) & IRQFD_UNCONSUMED:
-        kif_and32(&irqfd.flags, ~(<uint32_t>IRQFD_UNCONSUMED))
     if route_kind(route) == ROUTE_MSI:           # kvm_arch_set_irq_inatomic
         if apic_bus_deliver(e.bus, route) < 0:
             st.no_target += 1
@@ -167,11 +165,14 @@ cdef void engine_batch(engine_t *e, epoll_event *events, int n,
             # A count found at assign was delivered then, and KVM leaves it in the counter: a
             # wakeup that finds only that count (the one epoll_ctl ADD or MOD raises for a
             # readable eventfd) takes nothing.  Rare, so a slow look at the count is fine.
-            if flags & IRQFD_PENDING_AT_ASSIGN:
-                kif_or32(&irqfd.flags, IRQFD_UNCONSUMED)
-                kif_and32(&irqfd.flags, ~(<uint32_t>IRQFD_PENDING_AT_ASSIGN))
             if kif_eventfd_count(irqfd.fd) <= <int64_t>irqfd.assign_count:
+                if flags & IRQFD_PENDING_AT_ASSIGN:
+                    kif_or32(&irqfd.flags, IRQFD_UNCONSUMED)
+                    kif_and32(&irqfd.flags, ~(<uint32_t>IRQFD_PENDING_AT_ASSIGN))
                 continue
+            # Written since: the count is taken below, left-over included, as KVM's next
+            # wakeup would (the control plane's drain may race us to it: one of us gets it).
+            kif_and32(&irqfd.flags, ~(<uint32_t>(IRQFD_PENDING_AT_ASSIGN | IRQFD_UNCONSUMED)))
         routes[k] = kif_load64(&irqfd.route)     # before consuming: see the module docstring
         if e.has_ring and irqfd.slot >= 0:
             recs[k] = irqfd
@@ -354,7 +355,6 @@ cdef class Engine:
             if rc == 0:
                 self.e.has_ring = True
                 self.nfiles = nfiles
-                self._free_slots = list(range(nfiles - 1, -1, -1))
             else:
                 self.ring_error = os.strerror(-rc)
         else:
@@ -493,9 +493,15 @@ cdef class Engine:
         Returns False where io_uring is unavailable (reads then use the fd number).
         """
         cdef int slot, rc
-        if not self.e.has_ring or not self._free_slots:
+        if not self.e.has_ring:
             return False
-        slot = self._free_slots.pop()
+        if self._free_slots:                     # reuse a released slot, else a fresh one
+            slot = self._free_slots.pop()
+        elif self.next_slot < self.nfiles:
+            slot = self.next_slot
+            self.next_slot += 1
+        else:
+            return False
         rc = kif_ring_set_file(&self.e.ring, slot, fd)
         if rc < 0:
             self._free_slots.append(slot)

@@ -208,12 +208,17 @@ def _enable_cap(vm, a):
     return 0
 
 
-def vm_ioctl(vm, request, arg=0, mutate_flag=True):
+def request_number(request, closed):
+    """The 32-bit request number, as fcntl.ioctl passes it; EBADF on a closed VM (both backends)."""
     if not isinstance(request, int):
         raise TypeError("ioctl request must be an int")
-    request &= 0xFFFFFFFF
-    if vm.closed:
+    if closed:
         raise _err(errno.EBADF, "Vm is closed")
+    return request & 0xFFFFFFFF
+
+
+def vm_ioctl(vm, request, arg=0, mutate_flag=True):
+    request = request_number(request, vm.closed)
     if request == uapi.KVM_CHECK_EXTENSION:
         # A buffer's address would reach KVM as a huge, unknown capability: 0.
         return _check_extension(vm, arg) if isinstance(arg, int) else 0
@@ -286,11 +291,7 @@ def set_lapic_image(vcpu, img):
 
 
 def vcpu_ioctl(vcpu, request, arg=0, mutate_flag=True):
-    if not isinstance(request, int):
-        raise TypeError("ioctl request must be an int")
-    request &= 0xFFFFFFFF
-    if vcpu._vm.closed:
-        raise _err(errno.EBADF, "Vm is closed")
+    request = request_number(request, vcpu._vm.closed)
     if request in (uapi.KVM_GET_LAPIC, uapi.KVM_SET_LAPIC):
         a = _Arg(arg, mutate_flag)
         buf = a.need(uapi.LAPIC_STATE_SIZE)

@@ -260,11 +260,8 @@ class KvmVcpu:
 
     def ioctl(self, request, arg=0, mutate_flag=True):
         """``fcntl.ioctl`` on the real vCPU fd (shared safely with a running guest)."""
-        if not isinstance(request, int):
-            raise TypeError("ioctl request must be an int")
-        request &= 0xFFFFFFFF
-        if self._vm.closed:
-            raise _err(errno.EBADF, "Vm is closed")
+        from .ioctl import request_number
+        request = request_number(request, self._vm.closed)
         _check_struct_arg(request, arg)
         return self._cpu.ioctl(request, arg, mutate_flag)
 
@@ -803,11 +800,7 @@ class KvmVm:
         the emulated requests, KVM's for everything else.
         """
         from . import ioctl as model_ioctl
-        if not isinstance(request, int):
-            raise TypeError("ioctl request must be an int")
-        request &= 0xFFFFFFFF
-        if self._closed:
-            raise _err(errno.EBADF, "Vm is closed")
+        request = model_ioctl.request_number(request, self._closed)
         if request == uapi.KVM_CHECK_EXTENSION:
             if isinstance(arg, int) and arg == uapi.KVM_CAP_IRQFD_DIRECT:
                 return 1

@@ -12,18 +12,14 @@ import pytest
 
 from kvmirqfast import uapi
 from kvmirqfast.irqfd import eventfd_count
+from kvmirqfast.testing import wait_for
 
 WAIT = 2.0          # seconds: the most any asynchronous delivery may take in a test
 
 
 def wait_until(pred, timeout=WAIT, interval=0.002):
     """Poll ``pred`` until it is truthy or ``timeout`` passes; return its last value."""
-    end = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value or time.monotonic() >= end:
-            return value
-        time.sleep(interval)
+    return wait_for(pred, timeout, interval)
 
 
 def stays(pred, duration=0.15, interval=0.005):
