@@ -10,6 +10,9 @@ cdef enum:
     IRQFD_UNCONSUMED = 4    # that count is still in the counter (KVM never read it); set only
                             # by the engine's wakeup, cleared when the counter is taken
     MAX_EVENTS = 512        # epoll_wait batch
+    KICK_TAG = 1            # epoll data of the kick eventfd (records are pointers, never 1)
+    HARVEST_LEASE_NS = 1000000  # a vCPU that took an interrupt is expected back within this
+    IDLE_HARVEST_NS = 10000000  # a harvester asleep this long is idle: the engine naps deeply
 
 # One assigned irqfd.  The epoll registration's data.ptr points here, so a wakeup goes straight
 # from the eventfd to its route: no lookup on the hot path.
@@ -33,6 +36,7 @@ cdef struct engine_stats_t:
     uint64_t empty          # wakeups whose counter was already 0 (raced with a reader)
     uint64_t batches        # epoll_wait calls that returned events
     uint64_t polls          # epoll_wait(timeout 0) calls made while halt-polling
+    uint64_t kicks          # kick-eventfd wakeups seen (deliveries to a vCPU asleep in epoll)
 
 cdef struct engine_t:
     int epfd
@@ -48,6 +52,14 @@ cdef struct engine_t:
     uint32_t pollers        # vCPUs halt-polling (harvesting themselves): the engine stands aside
     uint32_t _pad2
     uint64_t poll_lease     # until then a vCPU is expected back to poll (monotonic ns)
+    int kickfd              # level-triggered in the set (data KICK_TAG): wakes a harvesting vCPU
+    uint32_t harvester      # token: 1 while a vCPU sleeps in epoll_wait on our set (Engine.halt)
+    uint32_t vcpu_harvest   # knob: may a halted vCPU harvest instead of sleeping on its futex
+    uint32_t users          # vCPU threads inside halt(); close() waits them out
+    uint32_t sleepers       # vCPU threads halted on their futex (not harvesting)
+    uint32_t aside_long     # the engine stands aside without a deadline: wake it on leaving
+    uint32_t aside_seq      # futex word of the engine standing aside; bumped to call it back
+    uint64_t harvest_since  # when the harvester token was taken (monotonic ns)
     engine_stats_t vstats   # what halt-polling vCPUs harvested (atomic adds)
     pthread_mutex_t dlock   # protects dhead and dstop
     pthread_cond_t dcond

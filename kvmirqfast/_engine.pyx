@@ -20,15 +20,16 @@ Ordering rules, stated once:
   the control plane, and a slot is emptied only after its record is dead and synchronized.
 """
 
+from cpython.exc cimport PyErr_CheckSignals
 from cpython.ref cimport PyObject
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport uint32_t, uint64_t, int64_t, uintptr_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memset
 from posix.unistd cimport getpid
 
 from kvmirqfast._sys cimport *
-from kvmirqfast._lapic cimport (apic_bus_t, ApicBus, Lapic, apic_bus_deliver, deliverable,
-                                route_kind, ROUTE_MSI, ROUTE_NONE)
+from kvmirqfast._lapic cimport (apic_bus_t, lapic_t, ApicBus, Lapic, apic_bus_deliver,
+                                deliverable, lapic_sleep, route_kind, ROUTE_MSI, ROUTE_NONE)
 
 import os
 import resource
@@ -140,12 +141,13 @@ cdef inline void irqfd_inject(engine_t *e, irqfd_t *irqfd, uint64_t route,
         st.deferred += 1
 
 
-cdef void engine_batch(engine_t *e, epoll_event *events, int n,
+cdef bint engine_batch(engine_t *e, epoll_event *events, int n,
                        engine_stats_t *st) noexcept nogil:
     """irqfd_wakeup for a batch: take each counter, then deliver with the irqfd's route.
 
     With io_uring every counter of the batch is read by one io_uring_enter through our own
     reference to the eventfd (a fixed file); without it, one read per event through the fd.
+    True if the batch held the kick eventfd.
     """
     cdef irqfd_t *recs[MAX_EVENTS]
     cdef uint64_t routes[MAX_EVENTS]
@@ -154,10 +156,15 @@ cdef void engine_batch(engine_t *e, epoll_event *events, int n,
     cdef uint32_t flags
     cdef uint64_t ud
     cdef int i, k = 0, res, got
+    cdef bint kicked = False
     for i in range(n):
         irqfd = <irqfd_t *>events[i].data.ptr
-        if irqfd == NULL:
+        if <uintptr_t>irqfd <= KICK_TAG:         # the stop eventfd (NULL) or the kick
+            if irqfd != NULL:
+                kicked = True
+                st.kicks += 1
             continue
+        st.events += 1
         flags = kif_load32(&irqfd.flags)
         if flags & IRQFD_DEAD:
             continue                             # deassigned after epoll_wait returned it
@@ -183,7 +190,7 @@ cdef void engine_batch(engine_t *e, epoll_event *events, int n,
         else:
             st.empty += 1
     if k == 0:
-        return
+        return kicked
     got = 0
     if kif_ring_submit_wait(&e.ring, k, k) >= 0:
         while kif_ring_reap(&e.ring, &ud, &res):
@@ -194,6 +201,7 @@ cdef void engine_batch(engine_t *e, epoll_event *events, int n,
                 st.empty += 1
     if got < k:                                  # cannot happen for eventfd reads; be safe
         e.has_ring = False
+    return kicked
 
 
 cdef void *engine_main(void *arg) noexcept nogil:
@@ -215,7 +223,11 @@ cdef void *engine_main(void *arg) noexcept nogil:
             if timeout == 0:
                 kif_cpu_relax()
             continue
-        run_batch(e, events, n, &st)
+        if run_batch(e, events, n, &st) and kif_cas32(&e.harvester, 0, 1):
+            kif_eventfd_drain(e.kickfd)          # a late kick for a harvester that has left
+            kif_store32(&e.harvester, 0)
+        # (A kick while a vCPU harvests is its: level-triggered, it stays for that vCPU, and
+        # stand_aside keeps us out of epoll_wait meanwhile.)
         if e.poll_ns:
             last_event = kif_now_ns()
         publish_stats(e, &st)
@@ -224,39 +236,49 @@ cdef void *engine_main(void *arg) noexcept nogil:
 
 
 cdef inline bint stand_aside(engine_t *e) noexcept nogil:
-    # While a vCPU halt-polls (or is expected back soon: the lease), it harvests the eventfds
-    # itself; if the engine also sat in epoll_wait, every write would wake it for nothing, on a
-    # CPU the device needs.  Sleep until the lease ends (bounded), then look again.
+    # While a vCPU halt-polls or sleeps in epoll_wait (or is expected back soon: the lease), it
+    # harvests the eventfds itself; if the engine also sat in epoll_wait, every write would wake
+    # it for nothing, on a CPU the device needs.  Sleep until the lease ends (at most 1 ms), then
+    # look again; behind a sleeping harvester, sleep until it leaves (it wakes us).
+    cdef uint32_t seq = kif_load32(&e.aside_seq)     # before the checks: a call-back is not lost
     cdef uint32_t pollers = kif_load32(&e.pollers)
     cdef uint64_t now = kif_now_ns(), lease = kif_load64(&e.poll_lease)
     cdef timespec ts
     cdef uint64_t nap
-    if not pollers and now >= lease:
+    if not pollers and (now >= lease or kif_load32(&e.sleepers)):
         return False
     nap = lease - now if lease > now else 1000000
     if nap > 1000000:
         nap = 1000000
-    ts.tv_sec = 0
-    ts.tv_nsec = <long>nap
-    kif_futex_wait(&e.pollers, pollers, &ts)
+    if (lease <= now and kif_load32(&e.harvester)
+            and now - kif_load64(&e.harvest_since) >= IDLE_HARVEST_NS):
+        nap = 100000000                          # an idle VM: the harvester wakes us on leaving
+        kif_store32(&e.aside_long, 1)
+    ts.tv_sec = <long>(nap // 1000000000)
+    ts.tv_nsec = <long>(nap % 1000000000)
+    kif_futex_wait(&e.aside_seq, seq, &ts)
+    kif_store32(&e.aside_long, 0)
     return True
 
 
-cdef inline void run_batch(engine_t *e, epoll_event *events, int n,
+cdef inline bint run_batch(engine_t *e, epoll_event *events, int n,
                            engine_stats_t *st) noexcept nogil:
     # The engine thread and halt-polling vCPU threads harvest the same epoll set; each event
     # goes to one of them.  batch_lock lets one batch run at a time (the io_uring SQ/CQ have one
     # user); batch_seq is odd while it runs (see synchronize).
+    cdef bint kicked
+    cdef uint64_t before = st.events
     pthread_mutex_lock(&e.batch_lock)
     if kif_load32(&e.stop):                      # closing: the records may be going away
         pthread_mutex_unlock(&e.batch_lock)
-        return
+        return False
     kif_add64(&e.batch_seq, 1)                   # odd: we hold records
-    engine_batch(e, events, n, st)
-    st.events += n
-    st.batches += 1
+    kicked = engine_batch(e, events, n, st)
+    if st.events != before:                      # a batch of irqfd wakeups, not only a kick
+        st.batches += 1
     kif_add64(&e.batch_seq, 1)                   # even: records released
     pthread_mutex_unlock(&e.batch_lock)
+    return kicked
 
 
 cdef inline void add_stats(engine_stats_t *to, engine_stats_t *st) noexcept nogil:
@@ -266,6 +288,7 @@ cdef inline void add_stats(engine_stats_t *to, engine_stats_t *st) noexcept nogi
     kif_add64_relaxed(&to.no_target, st.no_target)
     kif_add64_relaxed(&to.empty, st.empty)
     kif_add64_relaxed(&to.batches, st.batches)
+    kif_add64_relaxed(&to.kicks, st.kicks)
 
 
 cdef inline void publish_stats(engine_t *e, engine_stats_t *st) noexcept nogil:
@@ -276,6 +299,115 @@ cdef inline void publish_stats(engine_t *e, engine_stats_t *st) noexcept nogil:
     kif_store64_relaxed(&e.stats.empty, st.empty)
     kif_store64_relaxed(&e.stats.batches, st.batches)
     kif_store64_relaxed(&e.stats.polls, st.polls)
+    kif_store64_relaxed(&e.stats.kicks, st.kicks)
+
+
+# -- HLT: a vCPU waits for an interrupt, harvesting the eventfds itself ----------------------
+# A device write then wakes the halted vCPU directly, as in KVM, where the write delivers and
+# kicks the vCPU: one thread wake-up, not two (device -> engine -> vCPU).  One vCPU at a time
+# sleeps in epoll_wait (the harvester token); the others sleep on their futex and the engine
+# delivers for them.  While a vCPU harvests, or is expected back soon (the lease), the engine
+# stands aside.
+
+cdef bint poll_harvest(engine_t *e, lapic_t *l, uint64_t poll_ns,
+                       engine_stats_t *st) noexcept nogil:
+    # halt_poll_ns: spin on epoll_wait(0), delivering whatever arrives, until our LAPIC has an
+    # interrupt or the window ends.
+    cdef epoll_event events[MAX_EVENTS]
+    cdef uint64_t start = kif_now_ns()
+    cdef int n
+    while not kif_load32(&e.stop) and not kif_load32(&l.shutdown):
+        if deliverable(l) >= 0:
+            return True
+        if kif_now_ns() - start >= poll_ns:
+            return False
+        n = epoll_wait(e.epfd, events, MAX_EVENTS, 0)
+        if n > 0:
+            run_batch(e, events, n, st)
+        else:
+            kif_cpu_relax()
+    return False
+
+
+cdef bint sleep_harvest(engine_t *e, lapic_t *l, int64_t timeout_ns,
+                        engine_stats_t *st) noexcept nogil:
+    # HLT in epoll_wait; the caller holds the harvester token.  A delivery to our LAPIC from
+    # anywhere else writes the kick eventfd (lapic_kick), which only the token holder drains.
+    cdef epoll_event events[MAX_EVENTS]
+    cdef uint64_t start = kif_now_ns()
+    cdef int64_t left
+    cdef int n, ms
+    cdef bint got = False
+    l.kickfd = e.kickfd
+    while not kif_load32(&e.stop) and not kif_load32(&l.shutdown):
+        kif_store32(&l.harvesting, 1)            # seq_cst, before the IRR check: see lapic_kick
+        if deliverable(l) >= 0:
+            got = True
+            break
+        ms = -1
+        if timeout_ns >= 0:
+            left = timeout_ns - <int64_t>(kif_now_ns() - start)
+            if left <= 0:
+                break
+            ms = <int>((left + 999999) // 1000000)
+        n = epoll_wait(e.epfd, events, MAX_EVENTS, ms)
+        kif_store32(&l.harvesting, 0)            # awake: our own deliveries need no kick
+        if n < 0:
+            break                                # EINTR: let the caller look at signals
+        if n > 0 and run_batch(e, events, n, st):
+            kif_eventfd_drain(e.kickfd)          # drained before the IRR is looked at again
+    kif_store32(&l.harvesting, 0)
+    return got
+
+
+cdef inline void leave_harvest(engine_t *e, bint got, uint64_t lease_ns) noexcept nogil:
+    # Took an interrupt: the vCPU will be back soon, keep the engine aside a while (unless other
+    # vCPUs sleep on their futex: they need the engine now).  Otherwise hand the eventfds back.
+    if got and not kif_load32(&e.sleepers):
+        kif_store64(&e.poll_lease, kif_now_ns() + lease_ns)
+    kif_sub32(&e.pollers, 1)
+    if not got or kif_load32(&e.sleepers) or kif_load32(&e.aside_long):
+        call_engine_back(e)
+
+
+cdef inline void call_engine_back(engine_t *e) noexcept nogil:
+    kif_add32(&e.aside_seq, 1)
+    kif_futex_wake(&e.aside_seq, 1)
+
+
+cdef bint engine_halt(engine_t *e, lapic_t *l, int64_t timeout_ns, uint64_t poll_ns,
+                      engine_stats_t *st) noexcept nogil:
+    """HLT for one vCPU: poll (harvesting), then sleep in epoll_wait if the harvester token is
+    free, else on the futex.  True once an interrupt is deliverable."""
+    cdef uint64_t start = kif_now_ns()
+    cdef int64_t left = timeout_ns
+    cdef bint got = False
+    if deliverable(l) >= 0:
+        return True
+    kif_add32(&e.users, 1)                       # close() waits for users to leave
+    if kif_load32(&e.stop):
+        kif_sub32(&e.users, 1)
+        return False
+    kif_add32(&e.pollers, 1)
+    if poll_ns:
+        got = poll_harvest(e, l, poll_ns if (timeout_ns < 0 or <int64_t>poll_ns < timeout_ns)
+                           else <uint64_t>timeout_ns, st)
+        if timeout_ns >= 0:
+            left = timeout_ns - <int64_t>(kif_now_ns() - start)
+    if got or left == 0 or (timeout_ns >= 0 and left <= 0):
+        leave_harvest(e, got, poll_ns if poll_ns < 1000000 else 1000000)
+    elif kif_load32(&e.vcpu_harvest) and kif_cas32(&e.harvester, 0, 1):
+        kif_store64(&e.harvest_since, kif_now_ns())
+        got = sleep_harvest(e, l, left, st)
+        kif_store32(&e.harvester, 0)
+        leave_harvest(e, got, HARVEST_LEASE_NS)
+    else:
+        kif_add32(&e.sleepers, 1)                # before leaving: the engine must not lease
+        leave_harvest(e, False, 0)
+        got = lapic_sleep(l, left)
+        kif_sub32(&e.sleepers, 1)
+    kif_sub32(&e.users, 1)
+    return got
 
 
 # Rings are kept for reuse rather than torn down: tearing down an io_uring that held files
@@ -331,6 +463,8 @@ cdef class Engine:
             raise MemoryError()
         self.e.epfd = -1
         self.e.wakefd = -1
+        self.e.kickfd = -1
+        self.e.vcpu_harvest = 1
         self.e.ring.fd = -1
         self.e.bus = &bus.bus
         pthread_mutex_init(&self.e.dlock, NULL)
@@ -345,6 +479,13 @@ cdef class Engine:
         ev.events = EPOLLIN
         ev.data.ptr = NULL
         if epoll_ctl(self.e.epfd, EPOLL_CTL_ADD, self.e.wakefd, &ev) < 0:
+            raise OSError(errno, os.strerror(errno))
+        self.e.kickfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+        if self.e.kickfd < 0:
+            raise OSError(errno, os.strerror(errno))
+        ev.events = EPOLLIN                      # level-triggered: stays until its vCPU drains it
+        ev.data.ptr = <void *>KICK_TAG
+        if epoll_ctl(self.e.epfd, EPOLL_CTL_ADD, self.e.kickfd, &ev) < 0:
             raise OSError(errno, os.strerror(errno))
         self._free_slots = []
         self.ring_error = None
@@ -388,7 +529,7 @@ cdef class Engine:
             return
         kif_store32(&self.e.stop, 1)
         write(self.e.wakefd, &one, 8)
-        kif_futex_wake(&self.e.pollers, 1)      # if it stands aside for a polling vCPU
+        call_engine_back(self.e)                # if it stands aside for a polling vCPU
         with nogil:
             pthread_join(self.thread, NULL)
         self.started = False
@@ -412,12 +553,27 @@ cdef class Engine:
         if self.e.wakefd >= 0:
             close(self.e.wakefd)
             self.e.wakefd = -1
+        if self.e.kickfd >= 0:
+            close(self.e.kickfd)
+            self.e.kickfd = -1
 
     def close(self):
-        """Stop the thread, wake the deferred worker for good, close the epoll and wake fds."""
+        """Stop the thread, wake the deferred worker for good, close the epoll and wake fds.
+
+        vCPU threads halted in ``halt`` return (the LAPICs should be shut down first: a vCPU
+        asleep on its futex is woken by that, not by us); we wait for them before closing fds.
+        """
+        cdef timespec ts
         if self.closed:
             return
         self._stop_thread()
+        kif_store32(&self.e.stop, 1)             # also when the thread never started
+        kif_eventfd_signal(self.e.wakefd)        # level-triggered: every harvester sees it
+        ts.tv_sec = 0
+        ts.tv_nsec = 50000
+        with nogil:
+            while kif_load32(&self.e.users):
+                nanosleep(&ts, NULL)
         pthread_mutex_lock(&self.e.dlock)
         self.e.dstop = 1
         self.e.dhead = NULL                      # the worker will not inject these any more
@@ -559,44 +715,48 @@ cdef class Engine:
     def clear_assign_count(self, IrqfdRecord r not None):
         kif_and32(&r.rec.flags, ~(<uint32_t>(IRQFD_PENDING_AT_ASSIGN | IRQFD_UNCONSUMED)))
 
-    def halt_poll(self, Lapic lapic not None, uint64_t poll_ns):
-        """Halt-polling for a vCPU: spin up to ``poll_ns`` until ``lapic`` has an interrupt,
-        harvesting the eventfds itself meanwhile, so a device write reaches the polling vCPU
-        without waking the engine thread (which stops polling while a vCPU does).
+    property vcpu_harvest:
+        """May a halted vCPU sleep in epoll_wait on our set and take device writes itself (one
+        wake-up per interrupt instead of two)?  Default True; False: the engine delivers all."""
+        def __get__(self):
+            return bool(self.e.vcpu_harvest)
+        def __set__(self, bint v):
+            kif_store32(&self.e.vcpu_harvest, v)
 
-        True as soon as an interrupt is deliverable, False when the window ends.  No GIL.
+    def halted(self):
+        """vCPU threads asleep in halt(): the harvester (if it is in epoll_wait) + futex sleepers.
+
+        For tests and monitoring; O(vCPUs)."""
+        cdef uint32_t i, n = 0
+        for i in range(kif_load32(&self.e.bus.nr)):
+            n += kif_load32(&self.e.bus.lapics[i].harvesting)
+        return n + kif_load32(&self.e.sleepers)
+
+    def halt(self, Lapic lapic not None, timeout=None, uint64_t poll_ns=0):
+        """HLT for the vCPU of ``lapic``: True once an interrupt is deliverable, False on timeout
+        or close.  Spins ``poll_ns`` first (halt-polling), harvesting the eventfds meanwhile;
+        then sleeps, in epoll_wait on our set if no other vCPU does (see engine_halt), else on
+        its futex.  No GIL; wakes every 50 ms to let Python handle signals.
         """
-        cdef epoll_event events[MAX_EVENTS]
+        cdef int64_t chunk = 50000000, total, t
+        cdef uint64_t poll = poll_ns
         cdef engine_stats_t st
-        cdef uint64_t start
-        cdef int n
-        cdef bint got = False
-        if self.closed:
-            return False
+        cdef bint got
+        total = -1 if timeout is None else <int64_t>(float(timeout) * 1e9)
         memset(&st, 0, sizeof(st))
-        with nogil:
-            kif_add32(&self.e.pollers, 1)
-            start = kif_now_ns()
-            while not kif_load32(&self.e.stop):
-                if deliverable(lapic.l) >= 0:
-                    got = True
+        while True:
+            t = chunk if (total < 0 or total > chunk) else total
+            with nogil:
+                got = engine_halt(self.e, lapic.l, t, poll, &st)
+            if got or self.closed or lapic.l.shutdown:
+                break
+            if total >= 0:
+                total -= t
+                if total <= 0:
                     break
-                if kif_now_ns() - start >= poll_ns:
-                    break
-                n = epoll_wait(self.e.epfd, events, MAX_EVENTS, 0)
-                if n > 0:
-                    run_batch(self.e, events, n, &st)
-                else:
-                    kif_cpu_relax()
-            # Found an interrupt: the vCPU will be back soon, keep the engine aside a while.
-            # Timed out idle: it is going to sleep, hand the eventfds back to the engine now.
-            # (The lease is capped: a long poll window must not keep events waiting long when
-            # the vCPU does not come back.)
-            kif_store64(&self.e.poll_lease,
-                        kif_now_ns() + (poll_ns if poll_ns < 1000000 else 1000000) if got else 0)
-            kif_sub32(&self.e.pollers, 1)
-            if not got:
-                kif_futex_wake(&self.e.pollers, 1)
+            PyErr_CheckSignals()
+            poll = 0
+        if st.batches or st.kicks:
             add_stats(&self.e.vstats, &st)
         return got
 
@@ -671,6 +831,7 @@ cdef class Engine:
             "batches": kif_load64_relaxed(&a.batches) + kif_load64_relaxed(&v.batches),
             "vcpu_harvested": kif_load64_relaxed(&v.events),
             "polls": kif_load64_relaxed(&self.e.stats.polls),
+            "kicks": kif_load64_relaxed(&a.kicks) + kif_load64_relaxed(&v.kicks),
             "cpu_ns": None,
         }
         if self.started and pthread_getcpuclockid(self.thread, &clk) == 0:

@@ -12,7 +12,8 @@
 
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 from kvmirqfast._sys cimport (kif_load32, kif_load32_relaxed, kif_store32, kif_or32, kif_and32,
-                              kif_add32, kif_add64_relaxed, kif_futex_wake)
+                              kif_add32, kif_sub32, kif_add64_relaxed, kif_futex_wait,
+                              kif_futex_wake, kif_eventfd_signal, kif_now_ns, timespec)
 
 cdef enum:
     MAX_VCPUS = 256
@@ -37,6 +38,8 @@ cdef struct lapic_t:
     uint32_t nmi_pending
     uint32_t vcpu_id
     uint32_t shutdown      # set at VM close: sleepers return
+    uint32_t harvesting    # the vCPU sleeps in epoll_wait on the engine's set (see Engine.halt)
+    int kickfd             # the eventfd that wakes it there (the engine's), set before harvesting
     uint64_t accepted      # interrupts accepted (statistics)
 
 cdef struct apic_bus_t:
@@ -75,11 +78,42 @@ cdef inline uint64_t route_kind(uint64_t route) noexcept nogil:
 
 
 cdef inline void lapic_kick(lapic_t *l) noexcept nogil:
-    # The vCPU publishes `waiters` before re-checking the IRR and sleeping, and we publish the IRR
-    # before reading `waiters` (both seq_cst), so either it sees the interrupt or we see it waiting.
+    # The vCPU publishes `waiters` (or `harvesting`) before re-checking the IRR and sleeping, and
+    # we publish the IRR before reading them (all seq_cst), so either it sees the interrupt or we
+    # see it asleep: on the futex, or in epoll_wait, where only its kick eventfd reaches it.
     kif_add32(&l.wake_seq, 1)
     if kif_load32(&l.waiters):
         kif_futex_wake(&l.wake_seq, 0x7fffffff)
+    if kif_load32(&l.harvesting):
+        kif_eventfd_signal(l.kickfd)
+
+
+cdef inline bint lapic_sleep(lapic_t *l, int64_t timeout_ns) noexcept nogil:
+    """HLT on the futex until an interrupt is deliverable (True), timeout (<0: none) or shutdown."""
+    cdef uint64_t start = kif_now_ns()
+    cdef uint32_t seq
+    cdef timespec ts
+    cdef int64_t left
+    while not kif_load32(&l.shutdown):
+        seq = kif_load32(&l.wake_seq)
+        kif_add32(&l.waiters, 1)
+        if deliverable(l) >= 0:
+            kif_sub32(&l.waiters, 1)
+            return True
+        if timeout_ns >= 0:
+            left = timeout_ns - <int64_t>(kif_now_ns() - start)
+            if left <= 0:
+                kif_sub32(&l.waiters, 1)
+                return False
+            ts.tv_sec = left // 1000000000
+            ts.tv_nsec = left % 1000000000
+            kif_futex_wait(&l.wake_seq, seq, &ts)
+        else:
+            kif_futex_wait(&l.wake_seq, seq, NULL)
+        kif_sub32(&l.waiters, 1)
+        if deliverable(l) >= 0:
+            return True
+    return False
 
 
 cdef inline int lapic_accept(lapic_t *l, uint32_t dm, uint32_t vector, bint level) noexcept nogil:

@@ -58,6 +58,7 @@ cdef class Lapic:
         self.l.apic_id = vcpu_id
         self.l.dfr = 0xFFFFFFFF
         self.l.spiv = 0xFF
+        self.l.kickfd = -1
 
     def __dealloc__(self):
         free(self.mem)
@@ -133,10 +134,7 @@ cdef class Lapic:
         return deliverable(self.l) >= 0
 
     cdef bint _wait(self, int64_t timeout_ns, uint64_t poll_ns) noexcept nogil:
-        cdef uint64_t start = kif_now_ns(), now
-        cdef uint32_t seq
-        cdef timespec ts
-        cdef int64_t left
+        cdef uint64_t start = kif_now_ns()
         if deliverable(self.l) >= 0:
             return True
         while poll_ns:                       # halt-polling: a short spin beats a wake-up
@@ -145,26 +143,11 @@ cdef class Lapic:
                 return True
             if kif_now_ns() - start >= poll_ns:
                 break
-        while not kif_load32(&self.l.shutdown):
-            seq = kif_load32(&self.l.wake_seq)
-            kif_add32(&self.l.waiters, 1)
-            if deliverable(self.l) >= 0:
-                kif_sub32(&self.l.waiters, 1)
-                return True
-            if timeout_ns >= 0:
-                left = timeout_ns - <int64_t>(kif_now_ns() - start)
-                if left <= 0:
-                    kif_sub32(&self.l.waiters, 1)
-                    return False
-                ts.tv_sec = left // 1000000000
-                ts.tv_nsec = left % 1000000000
-                kif_futex_wait(&self.l.wake_seq, seq, &ts)
-            else:
-                kif_futex_wait(&self.l.wake_seq, seq, NULL)
-            kif_sub32(&self.l.waiters, 1)
-            if deliverable(self.l) >= 0:
-                return True
-        return False
+        if timeout_ns >= 0:
+            timeout_ns -= <int64_t>(kif_now_ns() - start)
+            if timeout_ns <= 0:
+                return False
+        return lapic_sleep(self.l, timeout_ns)
 
     def wait(self, timeout=None, poll_ns=0):
         """Block like HLT until an interrupt is deliverable; False on timeout or VM close.
@@ -231,8 +214,7 @@ cdef class Lapic:
     def shutdown(self):
         """Wake every sleeper for good (VM close)."""
         kif_store32(&self.l.shutdown, 1)
-        kif_add32(&self.l.wake_seq, 1)
-        kif_futex_wake(&self.l.wake_seq, 0x7fffffff)
+        lapic_kick(self.l)
 
 
 cdef class ApicBus:

@@ -60,6 +60,7 @@ cdef extern from "<time.h>" nogil:
         long tv_sec
         long tv_nsec
     int clock_gettime(clockid_t clk, timespec *ts)
+    int nanosleep(const timespec *req, timespec *rem)
     enum:
         CLOCK_MONOTONIC
 
@@ -109,6 +110,8 @@ cdef extern from "kvmirqfast_atomic.h" nogil:
     long kif_kcmp_epoll_tfd(int fd, int epfd, int tfd)
     long kif_kcmp_file(int fd1, int fd2)
     int64_t kif_eventfd_count(int fd)
+    void kif_eventfd_signal(int fd)
+    void kif_eventfd_drain(int fd)
 
 cdef extern from "kvmirqfast_uring.h" nogil:
     struct kif_ring:

@@ -1,7 +1,5 @@
 """The guest's side of a vCPU: its LAPIC, HLT (``wait_interrupt``), INTA (``ack``) and EOI."""
 
-import time
-
 from .ioctl import vcpu_ioctl
 
 
@@ -35,24 +33,21 @@ class Vcpu:
         that long the vCPU spins and harvests the eventfds itself, so a device write reaches it
         without waking the engine thread; then it sleeps.  Returns False if the VM is closed.
         """
-        lapic = self._need_lapic()
-        poll = self._vm.poll_ns if poll_ns is None else poll_ns
-        if poll:
-            if timeout is not None:
-                poll = min(poll, int(timeout * 1e9))
-            start = time.monotonic()
-            if self._vm._engine.halt_poll(lapic, poll):
-                return True
-            if timeout is not None:
-                timeout = max(0.0, timeout - (time.monotonic() - start))
-        return lapic.wait(timeout, 0)
+        lapic, vm = self.lapic, self._vm
+        if lapic is None or vm._closed or vm._forked:
+            lapic = self._need_lapic()
+        engine = vm._engine
+        return engine.halt(lapic, timeout, engine.poll_ns if poll_ns is None else poll_ns)
 
     def ack(self):
         """Acknowledge (INTA): move the highest deliverable vector from IRR to ISR; return it.
 
         Returns None if nothing is deliverable.  O(1).
         """
-        return self._need_lapic().ack()
+        lapic, vm = self.lapic, self._vm
+        if lapic is None or vm._closed or vm._forked:   # inlined _need_lapic: INTA is hot
+            lapic = self._need_lapic()
+        return lapic.ack()
 
     def eoi(self):
         """End of interrupt for the highest in-service vector; return it (None if none).
@@ -60,7 +55,10 @@ class Vcpu:
         A level-triggered vector is broadcast to the IOAPIC, which clears remote IRR, runs the
         pin's ack notifiers (irqfd resamplers) and re-delivers a line that is still high.
         """
-        r = self._need_lapic().eoi()
+        lapic, vm = self.lapic, self._vm
+        if lapic is None or vm._closed or vm._forked:
+            lapic = self._need_lapic()
+        r = lapic.eoi()
         if r is None:
             return None
         vector, level = r

@@ -41,6 +41,7 @@ def _after_fork_in_child():
     # using it in the child raises the documented RuntimeError instead of hanging.
     for vm in list(_LIVE_VMS):
         vm._lock = threading.RLock()
+        vm._forked = True
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -87,6 +88,7 @@ class Vm:
         self._lock = threading.RLock()
         self._closed = False
         self._pid = os.getpid()               # fork(): the child gets no engine thread
+        self._forked = False                  # set in a fork() child (cheaper than getpid())
         _LIVE_VMS.add(self)
         self._bus = ApicBus()
         # io_uring gives the engine its own eventfd references and batched reads; without it
@@ -129,6 +131,9 @@ class Vm:
             if self._closed:
                 return
             self._closed = True
+            for v in self._vcpus.values():    # halted vCPUs return (close() waits for them)
+                if v.lapic is not None:
+                    v.lapic.shutdown()
             self._engine.close()              # joins the engine thread: no record is in use
             # The worker may hold records it popped from the deferred list: keep them alive
             # until it has exited.
@@ -141,9 +146,6 @@ class Vm:
             self._tombstones = []
             if self._irq is not None:
                 self._irq.close()
-            for v in self._vcpus.values():
-                if v.lapic is not None:
-                    v.lapic.shutdown()
         if self._worker is not threading.current_thread():
             self._worker.join()
         del keep
@@ -167,7 +169,7 @@ class Vm:
     def _check_open(self):
         if self._closed:
             raise ValueError("operation on a closed Vm")
-        if self._pid != os.getpid():
+        if self._forked:
             raise RuntimeError("this Vm was created before fork(); its engine thread does not "
                                "exist in the child: create a new Vm in the child")
 
@@ -181,6 +183,20 @@ class Vm:
         if not isinstance(value, int) or value < 0:
             raise ValueError("poll_ns must be a non-negative int")
         self._engine.poll_ns = value
+
+    @property
+    def vcpu_harvest(self):
+        """May a halted vCPU sleep in epoll_wait on the engine's eventfds and take a device write
+        itself (one thread wake-up per interrupt, as KVM's delivery in the writer's context),
+        instead of on its futex behind the engine thread (two)?  Default True.  One vCPU at a
+        time does; the engine delivers for the others."""
+        return self._engine.vcpu_harvest
+
+    @vcpu_harvest.setter
+    def vcpu_harvest(self, value):
+        if not isinstance(value, bool):
+            raise TypeError("vcpu_harvest must be a bool")
+        self._engine.vcpu_harvest = value
 
     # -- irqchip and vCPUs ---------------------------------------------------------------------
     @property

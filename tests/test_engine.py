@@ -377,12 +377,14 @@ def test_halt_polling_engine_still_delivers(fds):
         cpu = vm.create_vcpu(0)
         e = fds.eventfd()
         vm.irqfd_direct(e, msi(0, 0x41))
+        vm.vcpu_harvest = False                  # else the sleeping vCPU harvests, not the engine
         for _ in range(20):                      # the vCPU sleeps: the engine halt-polls
             os.eventfd_write(e, 1)
             assert cpu.wait_interrupt(timeout=WAIT, poll_ns=0)
             assert cpu.ack() == 0x41
             cpu.eoi()
         assert vm.stats()["polls"] > 0
+        vm.vcpu_harvest = True
         for _ in range(20):                      # the vCPU halt-polls and harvests itself
             os.eventfd_write(e, 1)
             assert cpu.wait_interrupt(timeout=WAIT)

@@ -62,6 +62,18 @@ static inline long kif_kcmp_file(int fd1, int fd2) {
     return syscall(SYS_kcmp, pid, pid, 0 /* KCMP_FILE */, fd1, fd2);
 }
 
+/* Add 1 to an eventfd (a kick); EAGAIN at a saturated counter still leaves it readable. */
+static inline void kif_eventfd_signal(int fd) {
+    uint64_t one = 1;
+    if (write(fd, &one, 8) < 0) { /* nothing to do: the fd is readable either way */ }
+}
+
+/* Take an eventfd's counter without blocking (the fd must be EFD_NONBLOCK). */
+static inline void kif_eventfd_drain(int fd) {
+    uint64_t count;
+    if (read(fd, &count, 8) < 0) { /* EAGAIN: already drained */ }
+}
+
 /* The eventfd counter of fd, read from /proc/self/fdinfo without consuming it; -1 on error.
  * Slow (~10 us here): only for the rare wakeup that follows an assign with a count pending. */
 static inline int64_t kif_eventfd_count(int fd) {
