@@ -171,8 +171,22 @@ static void *pp_responder(void *arg)
 {
     struct pp_resp *r = arg;
     uint64_t one = 1, v;
+    struct epoll_event ev = { .events = EPOLLIN | EPOLLET };
+    int ep = -1;
+    if (r->spin == 2) {                 /* the engine's syscalls: epoll_wait, then read */
+        ep = epoll_create1(EPOLL_CLOEXEC);
+        epoll_ctl(ep, EPOLL_CTL_ADD, r->a, &ev);
+    }
     for (;;) {
-        if (r->spin) {
+        if (r->spin == 2) {
+            if (epoll_wait(ep, &ev, 1, -1) < 1 || read(r->a, &v, 8) != 8) {
+                if (*r->done) {
+                    close(ep);
+                    return NULL;
+                }
+                continue;
+            }
+        } else if (r->spin) {
             while (read(r->a, &v, 8) != 8) {
                 if (*r->done)
                     return NULL;
@@ -181,21 +195,25 @@ static void *pp_responder(void *arg)
         } else if (read(r->a, &v, 8) != 8) {
             return NULL;
         }
-        if (*r->done)
+        if (*r->done) {
+            if (ep >= 0)
+                close(ep);
             return NULL;
+        }
         write(r->b, &one, 8);
     }
 }
 
-/* C ping-pong between two threads: blocking reads (spin = 0) or both sides spinning. */
+/* C ping-pong between two threads: blocking reads (spin = 0), both sides spinning (1), or
+   blocking with the responder in epoll_wait + read (2: what a harvesting vCPU does). */
 int kb_pp_c(int iters, int spin, uint64_t budget_ns, uint64_t *samples)
 {
     volatile int done = 0;
     uint64_t big = 1;
-    int flags = EFD_CLOEXEC | (spin ? EFD_NONBLOCK : 0), n;
+    int flags = EFD_CLOEXEC | (spin == 1 ? EFD_NONBLOCK : 0), n;
     struct pp_resp r;
     pthread_t t;
-    r.a = eventfd(0, flags);
+    r.a = eventfd(0, flags | (spin == 2 ? EFD_NONBLOCK : 0));
     r.b = eventfd(0, flags);
     r.iters = iters;
     r.spin = spin;
@@ -203,7 +221,7 @@ int kb_pp_c(int iters, int spin, uint64_t budget_ns, uint64_t *samples)
     if (r.a < 0 || r.b < 0)
         return -errno;
     pthread_create(&t, NULL, pp_responder, &r);
-    n = kb_pp_device(r.a, r.b, iters, spin ? ~0ull : 0, budget_ns, samples, &done);
+    n = kb_pp_device(r.a, r.b, iters, spin == 1 ? ~0ull : 0, budget_ns, samples, &done);
     write(r.a, &big, 8);              /* release a responder blocked in read() */
     pthread_join(t, NULL);
     close(r.a);
