@@ -708,12 +708,33 @@ cdef class Engine:
                 count = 0
         return count
 
-    def holds_assign_count(self, IrqfdRecord r not None):
-        """True while the count delivered at assign may still sit in the counter unconsumed."""
-        return bool(kif_load32(&r.rec.flags) & (IRQFD_PENDING_AT_ASSIGN | IRQFD_UNCONSUMED))
+    def drain(self, IrqfdRecord r not None, int fd):
+        """Take the writes pending on r's eventfd through ``fd``; the count taken (0: none).
 
-    def clear_assign_count(self, IrqfdRecord r not None):
-        kif_and32(&r.rec.flags, ~(<uint32_t>(IRQFD_PENDING_AT_ASSIGN | IRQFD_UNCONSUMED)))
+        A count delivered at assign without consuming (as KVM does) is not taken again, and is
+        left in the counter as KVM leaves it, unless writes came on top of it (then the engine
+        may race us to it: one of us gets it).  Used at retarget and deassign (Vm._drain).
+        """
+        cdef uint32_t flags = kif_load32(&r.rec.flags)
+        if flags & (IRQFD_PENDING_AT_ASSIGN | IRQFD_UNCONSUMED):
+            if kif_eventfd_count(fd) <= <int64_t>r.rec.assign_count:
+                return 0
+            kif_and32(&r.rec.flags, ~(<uint32_t>(IRQFD_PENDING_AT_ASSIGN | IRQFD_UNCONSUMED)))
+        return self.consume(fd)
+
+    def detach(self, IrqfdRecord r not None, int fd):
+        """Deassign's data-plane half in one call: remove r's registration through ``fd``
+        (epoll checks that fd is r's), wait out a batch in flight, take what was written before
+        (KVM flushes it at deassign) and drop our reference to the eventfd.
+
+        Returns the count taken (0: none), or -1 if ``fd`` is not r's registration (then
+        nothing changed).  One epoll_ctl, one read, one slot release: O(log n) in the kernel.
+        """
+        if not self.unregister(r, fd):
+            return -1
+        count = self.drain(r, fd)
+        self.unpin(r)
+        return count
 
     property vcpu_harvest:
         """May a halted vCPU sleep in epoll_wait on our set and take device writes itself (one

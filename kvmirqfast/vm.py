@@ -456,17 +456,20 @@ class Vm:
             self._irq.inject_gsi(self._routing, r)
 
     def _find_and_detach(self, fd, match):
+        # KVM delivers inside write(), and flushes a pending inject on deassign: what was
+        # written before this call is delivered (the count the detach/drain takes).
         r = self._by_fd.get(fd)
-        if r is not None and match(r) and self._engine.unregister(r, fd):
-            pass                                # epoll confirmed fd is r's registration
+        if r is not None and match(r):
+            taken = self._engine.detach(r, fd)  # -1: fd is not r's registration number
         else:
+            taken = -1
+        if taken < 0:
             r = self._index.get(eventfd_key(fd))
             if r is None or not match(r):
                 return False
             self._unregister_elsewhere(r, fd)
-        # KVM delivers inside write(), and flushes a pending inject on deassign: what was
-        # written before this call is delivered.
-        if self._drain(r, fd):
+            taken = self._drain(r, fd)
+        if taken:
             self._inject_now(r)
         self._forget(r)
         return True
@@ -527,12 +530,7 @@ class Vm:
         delivered again, and is left in the counter as KVM leaves it, unless writes came on
         top of it.
         """
-        engine = self._engine
-        if engine.holds_assign_count(r):
-            if eventfd_info(fd)[1] <= r.assign_count:
-                return False                    # nothing written since: leave it, as KVM
-            engine.clear_assign_count(r)        # the engine may race us to it: one of us wins
-        return engine.consume(fd) > 0
+        return self._engine.drain(r, fd) > 0
 
     def _settle_deferred(self, r, inject_old):
         # An event the engine already handed to the worker belongs to the old target: inject it
