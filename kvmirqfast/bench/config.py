@@ -25,8 +25,9 @@ class Config:
         self.flood_warmup = 0.2
         self.flood_rounds = 3            # median of rounds, consumers interleaved
         self.pyload_k = 1024
-        self.pp_blocking_iters = 3000
-        self.pp_spin_iters = 20000
+        self.pp_rounds = 3               # interleaved rounds, samples pooled
+        self.pp_blocking_iters = 1500
+        self.pp_spin_iters = 8000
         self.pp_seconds = 2.0            # time cap per ping-pong run
         self.pp_poll_ns = 200_000
         self.retarget_n = 4096
@@ -49,7 +50,8 @@ class Config:
     @classmethod
     def quick(cls):
         return cls(name="quick", flood_ks=(16, 1024, 4096), flood_seconds=0.3, flood_warmup=0.1,
-                   flood_rounds=1, pp_blocking_iters=800, pp_spin_iters=3000, pp_seconds=0.7,
+                   flood_rounds=1, pp_rounds=1, pp_blocking_iters=800, pp_spin_iters=3000,
+                   pp_seconds=0.7,
                    retarget_n=4096, retarget_direct_reps=100, retarget_table_reps=2,
                    retarget_kvm_reps=10, assign_ns=(16, 1024, 4096), assign_min_ops=1024,
                    kvm_assign_ns=(16, 1024), kvm_pinned_n=1024, memory_n=4000,
@@ -59,8 +61,8 @@ class Config:
     def tiny(cls):
         """The smallest run that still exercises every code path (the smoke test)."""
         return cls(name="tiny", flood_ks=(16, 64), flood_seconds=0.1, flood_warmup=0.03,
-                   flood_rounds=1, pyload_k=64, pp_blocking_iters=100, pp_spin_iters=300,
-                   pp_seconds=0.2, retarget_n=256, retarget_direct_reps=20,
+                   flood_rounds=1, pyload_k=64, pp_rounds=1, pp_blocking_iters=100,
+                   pp_spin_iters=300, pp_seconds=0.2, retarget_n=256, retarget_direct_reps=20,
                    retarget_table_reps=1, retarget_kvm_reps=3, assign_ns=(16, 128),
                    assign_min_ops=64, kvm_assign_ns=(16,), kvm_pinned_n=16, memory_n=256,
                    kernel_ks=(1,), kernel_writes=5000)

@@ -61,8 +61,12 @@ def _pp_c(lib, iters, mode, budget_s):
     return list(samples[:n])
 
 
+def _drop_warmup(samples):
+    return samples[len(samples) // 20:] if len(samples) > 40 else samples   # drop warm-up
+
+
 def _lat_summary(samples):
-    s = sorted(samples[len(samples) // 20:] if len(samples) > 40 else samples)  # drop warm-up
+    s = sorted(samples)
     return {"median": _pct(s, 50), "p99": _pct(s, 99), "n": len(s)}
 
 
@@ -85,8 +89,12 @@ def fig_pingpong(res, cfg, lib, lib_reason, out):
             (f"kvmirqfast vCPU poll {cfg.pp_poll_ns // 1000}us, engine blocking",
              lambda: _pp_kvmirqfast(lib, cfg.pp_spin_iters, cfg.pp_poll_ns, cfg.pp_seconds,
                                     engine_poll_ns=0))]
-    for name, fn in plan:
-        samples = fn()
+    pooled = {name: [] for name, _ in plan}
+    for rnd in range(cfg.pp_rounds):            # interleaved: a shift in the machine hits all
+        for name, fn in plan:
+            pooled[name] += _drop_warmup(fn())
+    for name, _ in plan:
+        samples = pooled[name]
         runs[name] = _lat_summary(samples)
         _progress(out, f"ping-pong {name}: median {_fmt_ns(runs[name]['median'])}, "
                        f"p99 {_fmt_ns(runs[name]['p99'])} ({runs[name]['n']} round trips)")
