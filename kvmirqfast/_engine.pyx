@@ -302,6 +302,21 @@ cdef inline void publish_stats(engine_t *e, engine_stats_t *st) noexcept nogil:
     kif_store64_relaxed(&e.stats.kicks, st.kicks)
 
 
+def eventfd_info(int fd):
+    """(id, counter) of the eventfd behind ``fd`` from /proc/self/fdinfo, without consuming the
+    counter; id is None on kernels without "eventfd-id".  OSError(EBADF) for a closed fd,
+    OSError(EINVAL) for an fd that is not an eventfd.  O(1), about 5 us."""
+    cdef int64_t ident = -1
+    cdef uint64_t count = 0
+    cdef int rc
+    with nogil:
+        rc = kif_eventfd_info(fd, &ident, &count)
+    if rc < 0:
+        raise OSError(-rc, f"fd {fd}: " + ("not an eventfd" if rc == -EINVAL
+                                           else os.strerror(-rc)))
+    return (None if ident < 0 else ident), count
+
+
 # -- HLT: a vCPU waits for an interrupt, harvesting the eventfds itself ----------------------
 # A device write then wakes the halted vCPU directly, as in KVM, where the write delivers and
 # kicks the vCPU: one thread wake-up, not two (device -> engine -> vCPU).  One vCPU at a time

@@ -9,6 +9,7 @@ cdef extern from "<errno.h>" nogil:
         EINTR
         EAGAIN
         ENOENT
+        EINVAL
 
 cdef extern from "<sys/epoll.h>" nogil:
     ctypedef union epoll_data_t:
@@ -110,6 +111,7 @@ cdef extern from "kvmirqfast_atomic.h" nogil:
     long kif_kcmp_epoll_tfd(int fd, int epfd, int tfd)
     long kif_kcmp_file(int fd1, int fd2)
     int64_t kif_eventfd_count(int fd)
+    int kif_eventfd_info(int fd, int64_t *id, uint64_t *count)
     void kif_eventfd_signal(int fd)
     void kif_eventfd_drain(int fd)
 

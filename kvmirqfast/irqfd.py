@@ -8,13 +8,13 @@ sees that identity as ``eventfd-id`` in ``/proc/self/fdinfo/FD``; we key everyth
 
 import errno
 import os
-import re
 import threading
 import weakref
 
 from sortedcontainers import SortedDict
 
 from ._engine import IrqfdRecord
+from ._engine import eventfd_info as _eventfd_info
 
 # -- route words (the engine's view of a routing entry; layout in _lapic.pxd) ------------------
 ROUTE_NONE = 0
@@ -37,35 +37,19 @@ NO_ROUTE_WORD = ROUTE_NONE << 13
 
 
 # -- eventfd identity ---------------------------------------------------------------------------
-_EVENTFD_ID = re.compile(rb"^eventfd-id:\s*(\d+)", re.M)
-_EVENTFD_COUNT = re.compile(rb"^eventfd-count:\s*([0-9a-fA-F]+)", re.M)
-
-
 def eventfd_info(fd):
     """``(identity, counter)`` of the eventfd behind ``fd``, without consuming the counter.
 
     The identity is equal for dup()s and unique among open eventfds.  Raises TypeError for a
     non-int, OSError(EBADF) for a closed fd and OSError(EINVAL) for an fd that is not an
-    eventfd (what KVM_IRQFD returns).  O(1): one read of /proc/self/fdinfo (~10 us here).
+    eventfd (what KVM_IRQFD returns).  O(1): one read of /proc/self/fdinfo, in C (~5 us here).
     """
     if not isinstance(fd, int) or isinstance(fd, bool):
         raise TypeError(f"eventfd must be an int file descriptor, not {type(fd).__name__}")
-    if fd < 0:
+    if not 0 <= fd < 2**31:
         raise OSError(errno.EBADF, f"fd {fd}: Bad file descriptor")
-    try:
-        f = os.open(f"/proc/self/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, ProcessLookupError):
-        raise OSError(errno.EBADF, f"fd {fd}: Bad file descriptor") from None
-    try:
-        info = os.read(f, 4096)
-    finally:
-        os.close(f)
-    c = _EVENTFD_COUNT.search(info)
-    if c is None:
-        raise OSError(errno.EINVAL, f"fd {fd} is not an eventfd")
-    m = _EVENTFD_ID.search(info)
-    key = int(m.group(1)) if m else ("fd", fd)     # kernels before eventfd-id: the fd number
-    return key, int(c.group(1), 16)
+    key, count = _eventfd_info(fd)
+    return (("fd", fd) if key is None else key), count    # kernels before eventfd-id: fd number
 
 
 def eventfd_key(fd):
