@@ -252,8 +252,14 @@ cdef inline bint stand_aside(engine_t *e) noexcept nogil:
         nap = 1000000
     if (lease <= now and kif_load32(&e.harvester)
             and now - kif_load64(&e.harvest_since) >= IDLE_HARVEST_NS):
-        nap = 100000000                          # an idle VM: the harvester wakes us on leaving
+        # An idle VM: sleep until the harvester leaves; it wakes us if it sees aside_long, and
+        # we look at the token again after publishing aside_long (both seq_cst), so either it
+        # sees the flag or we see it gone.
         kif_store32(&e.aside_long, 1)
+        if not kif_load32(&e.harvester):
+            kif_store32(&e.aside_long, 0)
+            return True                          # it just left: look again
+        nap = 100000000
     ts.tv_sec = <long>(nap // 1000000000)
     ts.tv_nsec = <long>(nap % 1000000000)
     kif_futex_wait(&e.aside_seq, seq, &ts)
@@ -399,6 +405,8 @@ cdef bint engine_halt(engine_t *e, lapic_t *l, int64_t timeout_ns, uint64_t poll
     cdef bint got = False
     if deliverable(l) >= 0:
         return True
+    if timeout_ns == 0:
+        return False                             # a look, not a halt
     kif_add32(&e.users, 1)                       # close() waits for users to leave
     if kif_load32(&e.stop):
         kif_sub32(&e.users, 1)
@@ -409,7 +417,7 @@ cdef bint engine_halt(engine_t *e, lapic_t *l, int64_t timeout_ns, uint64_t poll
                            else <uint64_t>timeout_ns, st)
         if timeout_ns >= 0:
             left = timeout_ns - <int64_t>(kif_now_ns() - start)
-    if got or left == 0 or (timeout_ns >= 0 and left <= 0):
+    if got or (timeout_ns >= 0 and left <= 0):
         leave_harvest(e, got, poll_ns if poll_ns < 1000000 else 1000000)
     elif kif_load32(&e.vcpu_harvest) and kif_cas32(&e.harvester, 0, 1):
         kif_store64(&e.harvest_since, kif_now_ns())

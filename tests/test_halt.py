@@ -172,3 +172,21 @@ def test_many_vcpu_threads_racing_for_the_harvester_token(vm, fds):
     for t in threads:
         t.join(WAIT * 2)
     assert not errors and got == [rounds] * 8
+
+
+def test_a_write_while_the_harvester_is_away_arrives_within_the_lease(vm, fds):
+    # After the vCPU took an interrupt the engine stands aside, expecting it back (the lease,
+    # at most 1 ms); when it does not come back, the engine takes the next write itself.
+    cpu = vm.create_vcpu(0)
+    a, b = fds.eventfd(), fds.eventfd()
+    vm.irqfd_direct(a, msi(0, 0x41))
+    vm.irqfd_direct(b, msi(0, 0x42))
+    for _ in range(5):
+        t, out = run_thread(cpu.wait_interrupt, WAIT)
+        assert halted(vm)
+        os.eventfd_write(a, 1)
+        t.join(WAIT)
+        assert out.get("value") is True and cpu.ack() == 0x41
+        cpu.eoi()
+    os.eventfd_write(b, 1)                  # nobody halts now: the engine must take it
+    assert wait_until(lambda: 0x42 in cpu.pending(), timeout=0.3)
