@@ -26,6 +26,19 @@ def halted(vm, n=1):
     return wait_until(lambda: vm._engine.halted() >= n)
 
 
+def halt_then(vm, cpu, fire):
+    """HLT on ``cpu`` in a thread, call ``fire()`` once it sleeps; the vector it took, or None."""
+    t, out = run_thread(cpu.wait_interrupt, WAIT)
+    assert halted(vm)
+    fire()
+    t.join(WAIT)
+    if out.get("value") is not True:
+        return None
+    vector = cpu.ack()
+    cpu.eoi()
+    return vector
+
+
 @pytest.fixture
 def vm():
     v = Vm(irqchip=True)
@@ -37,13 +50,8 @@ def test_a_halted_vcpu_takes_the_device_write_itself(vm, fds):
     cpu = vm.create_vcpu(0)
     e = fds.eventfd()
     vm.irqfd_direct(e, msi(0, 0x41))
-    for i in range(20):
-        t, out = run_thread(cpu.wait_interrupt, WAIT)
-        assert halted(vm)
-        os.eventfd_write(e, 1)
-        t.join(WAIT)
-        assert out.get("value") is True
-        assert cpu.ack() == 0x41 and cpu.eoi() == 0x41
+    for _ in range(20):
+        assert halt_then(vm, cpu, lambda: os.eventfd_write(e, 1)) == 0x41
     st = vm.stats()
     assert st["delivered"] == 20
     assert st["vcpu_harvested"] == 20       # the engine thread delivered none of them
@@ -56,12 +64,7 @@ def test_with_harvesting_off_the_engine_delivers(vm, fds):
     e = fds.eventfd()
     vm.irqfd_direct(e, msi(0, 0x41))
     for _ in range(5):
-        t, out = run_thread(cpu.wait_interrupt, WAIT)
-        assert halted(vm)
-        os.eventfd_write(e, 1)
-        t.join(WAIT)
-        assert out.get("value") is True and cpu.ack() == 0x41
-        cpu.eoi()
+        assert halt_then(vm, cpu, lambda: os.eventfd_write(e, 1)) == 0x41
     assert wait_until(lambda: vm.stats()["delivered"] == 5)
     assert vm.stats()["vcpu_harvested"] == 0
     with pytest.raises(TypeError):
@@ -74,19 +77,12 @@ def test_a_delivery_from_elsewhere_kicks_the_harvesting_vcpu(vm, fds, source):
     vm.ioapic.set_redirection(16, 0x56)
     e = fds.eventfd()
     vm.irqfd(e, 16)
+    fire = {"signal_msi": lambda: vm.signal_msi(*msi_address(0), msi_data(0x56)),   # this thread
+            "irq_line": lambda: (vm.irq_line(16, 1), vm.irq_line(16, 0)),   # -> IOAPIC -> LAPIC
+            # the vCPU harvests the write, the deferred worker injects through the IOAPIC
+            "irqfd via IOAPIC": lambda: os.eventfd_write(e, 1)}[source]
     for _ in range(3):
-        t, out = run_thread(cpu.wait_interrupt, WAIT)
-        assert halted(vm)
-        if source == "signal_msi":          # delivered in this thread while the vCPU sleeps
-            vm.signal_msi(*msi_address(0), msi_data(0x56))
-        elif source == "irq_line":          # this thread -> IOAPIC -> LAPIC
-            vm.irq_line(16, 1)
-            vm.irq_line(16, 0)
-        else:                               # the vCPU harvests it, the deferred worker injects
-            os.eventfd_write(e, 1)
-        t.join(WAIT)
-        assert out.get("value") is True
-        assert cpu.ack() == 0x56 and cpu.eoi() == 0x56
+        assert halt_then(vm, cpu, fire) == 0x56
     if source != "irqfd via IOAPIC":        # there the worker may beat the vCPU back to sleep
         assert vm.stats()["kicks"] >= 3   # (the engine may see a kick too)
 
@@ -182,11 +178,6 @@ def test_a_write_while_the_harvester_is_away_arrives_within_the_lease(vm, fds):
     vm.irqfd_direct(a, msi(0, 0x41))
     vm.irqfd_direct(b, msi(0, 0x42))
     for _ in range(5):
-        t, out = run_thread(cpu.wait_interrupt, WAIT)
-        assert halted(vm)
-        os.eventfd_write(a, 1)
-        t.join(WAIT)
-        assert out.get("value") is True and cpu.ack() == 0x41
-        cpu.eoi()
+        assert halt_then(vm, cpu, lambda: os.eventfd_write(a, 1)) == 0x41
     os.eventfd_write(b, 1)                  # nobody halts now: the engine must take it
     assert wait_until(lambda: 0x42 in cpu.pending(), timeout=0.3)
