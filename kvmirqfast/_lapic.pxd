@@ -212,6 +212,15 @@ cdef class Lapic:
     cdef lapic_t *l
     cdef void *mem
     cdef bint _wait(self, int64_t timeout_ns, uint64_t poll_ns) noexcept nogil
+    cdef int _ack(self) noexcept
+    cdef int _eoi(self, bint *level) noexcept
+
+
+cdef class VcpuCore:
+    cdef readonly Lapic lapic       # None without an in-kernel irqchip (as KVM)
+    cdef readonly object _vm
+    cdef object _engine
+    cdef Lapic _checked(self)
 
 
 cdef class ApicBus:

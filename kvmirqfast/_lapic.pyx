@@ -174,28 +174,38 @@ cdef class Lapic:
             PyErr_CheckSignals()
             poll = 0
 
-    def ack(self):
-        """INTA: move the deliverable vector from IRR to ISR and return it, or None.  O(1)."""
+    cdef int _ack(self) noexcept:
         cdef int v
         cdef uint32_t bit
         while True:
             v = deliverable(self.l)
             if v < 0:
-                return None
+                return -1
             bit = 1u << (v & 31)
             if kif_and32(&self.l.irr[v >> 5], ~bit) & bit:   # we won the bit
                 kif_or32(&self.l.isr[v >> 5], bit)
                 return v
 
-    def eoi(self):
-        """EOI: end the highest in-service vector.  Returns (vector, level_triggered) or None."""
+    cdef int _eoi(self, bint *level) noexcept:
         cdef int v = highest_bit(self.l.isr)
         cdef uint32_t bit
         if v < 0:
-            return None
+            return -1
         bit = 1u << (v & 31)
         kif_and32(&self.l.isr[v >> 5], ~bit)
-        return v, bool(kif_load32(&self.l.tmr[v >> 5]) & bit)
+        level[0] = (kif_load32(&self.l.tmr[v >> 5]) & bit) != 0
+        return v
+
+    def ack(self):
+        """INTA: move the deliverable vector from IRR to ISR and return it, or None.  O(1)."""
+        cdef int v = self._ack()
+        return None if v < 0 else v
+
+    def eoi(self):
+        """EOI: end the highest in-service vector.  Returns (vector, level_triggered) or None."""
+        cdef bint level = False
+        cdef int v = self._eoi(&level)
+        return None if v < 0 else (v, level)
 
     def take_nmi(self):
         """Consume one pending NMI; True if there was one."""
@@ -215,6 +225,58 @@ cdef class Lapic:
         """Wake every sleeper for good (VM close)."""
         kif_store32(&self.l.shutdown, 1)
         lapic_kick(self.l)
+
+
+cdef class VcpuCore:
+    """The guest's hot side of a vCPU in native code: HLT, INTA, EOI.  ``vcpu.Vcpu`` is the
+    Python class over it (registers, ioctls, errors).  Each call is O(1)."""
+
+    def __init__(self, vm, Lapic lapic, engine):
+        self._vm = vm
+        self.lapic = lapic
+        self._engine = engine
+
+    cdef Lapic _checked(self):
+        # A shut-down LAPIC means a closed VM (or a fork child): let the Python side raise.
+        if self.lapic is None or self.lapic.l.shutdown:
+            return self._need_lapic()
+        return self.lapic
+
+    def wait_interrupt(self, timeout=None, poll_ns=None):
+        """Block, like HLT, until an interrupt is deliverable; True if one is, False on timeout.
+
+        Runs without the GIL.  ``poll_ns`` (default: the VM's ``poll_ns``) is halt-polling: for
+        that long the vCPU spins and harvests the eventfds itself, so a device write reaches it
+        without waking the engine thread; then it sleeps (in epoll_wait on the engine's
+        eventfds, if no other vCPU does: see ``Vm.vcpu_harvest``).  False if the VM is closed.
+        """
+        cdef Lapic lapic = self._checked()
+        if deliverable(lapic.l) >= 0:
+            return True                          # no need to drop the GIL
+        engine = self._engine
+        return engine.halt(lapic, timeout, engine.poll_ns if poll_ns is None else poll_ns)
+
+    def ack(self):
+        """Acknowledge (INTA): move the highest deliverable vector from IRR to ISR; return it.
+
+        Returns None if nothing is deliverable.
+        """
+        cdef int v = self._checked()._ack()
+        return None if v < 0 else v
+
+    def eoi(self):
+        """End of interrupt for the highest in-service vector; return it (None if none).
+
+        A level-triggered vector is broadcast to the IOAPIC, which clears remote IRR, runs the
+        pin's ack notifiers (irqfd resamplers) and re-delivers a line that is still high.
+        """
+        cdef bint level = False
+        cdef int v = self._checked()._eoi(&level)
+        if v < 0:
+            return None
+        if level or self._vm._resamplers:        # the vectors KVM forwards to the IOAPIC
+            self._vm._lapic_eoi(v, level)
+        return v
 
 
 cdef class ApicBus:

@@ -42,6 +42,11 @@ def _after_fork_in_child():
     for vm in list(_LIVE_VMS):
         vm._lock = threading.RLock()
         vm._forked = True
+        # vCPUs' native fast paths see a shut-down LAPIC and ask _check_open.  (A Vm whose
+        # __init__ failed half-way has no _vcpus: skip it, and never stop the loop.)
+        for v in getattr(vm, "_vcpus", {}).values():
+            if v.lapic is not None:
+                v.lapic.shutdown()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
