@@ -55,7 +55,10 @@ def main(argv=None):
                                       "print a table of ratios and targets")
     bn.add_argument("--quick", action="store_true", help="smaller K and shorter runs (~30 s)")
     bn.add_argument("--json", metavar="FILE", help="write pytest-benchmark-style JSON to FILE")
-    bn.add_argument("--plot", metavar="FILE.png", help="bar chart of the ratios (needs matplotlib)")
+    bn.add_argument("--plot", metavar="FILE.png",
+                    help="cost per delivery against K and per irqfd against N, with the "
+                         "baselines, and the ratios against their targets (needs matplotlib: "
+                         "pip install 'kvmirqfast[plot]')")
     bn.add_argument("--only", metavar="FIGS", help="comma-separated subset of: flood, pyload, "
                                                    "pingpong, retarget, assign, memory, kernel")
     bn.add_argument("-q", "--quiet", action="store_true", help="no progress lines")

@@ -82,3 +82,25 @@ def test_plot_without_matplotlib_says_so(capsys):
         pytest.skip("matplotlib is installed")
     assert cli.main(["bench", "--plot", "x.png"]) == 2
     assert "matplotlib" in capsys.readouterr().err
+
+
+def test_plot_data_is_cost_against_k_and_n(result):
+    # What --plot draws: CPU per delivery against K for each consumer, and assign/deassign cost
+    # per irqfd against N.  Checked without matplotlib.
+    from kvmirqfast.bench.driver import _assign_key, _flood_key, _series
+    flood = _series(result, "flood", _flood_key)
+    assert [k for k, _ in flood["kvmirqfast"]] == [16, 64]
+    assert {"pure Python", "asyncio"} <= set(flood)
+    assign = _series(result, "assign", _assign_key)
+    for op in ("assign", "deassign"):
+        points = assign[f"kvmirqfast {op}"]
+        assert [n for n, _ in points] == [16, 128] and all(s > 0 for _, s in points)
+
+
+def test_plot_is_written(result, tmp_path):
+    if not bench.have_matplotlib():
+        pytest.skip("matplotlib is not installed (pip install 'kvmirqfast[plot]')")
+    from kvmirqfast.bench.driver import write_plot
+    path = tmp_path / "bench.png"
+    write_plot(result, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
