@@ -7,6 +7,7 @@ import threading
 from ..arch.x86 import msi_address, msi_data
 from ..routing import MsiEntry
 from ..vm import Vm
+from .harness import _Pinned, _placements
 from .results import _fmt_ns, _pct, _progress
 
 
@@ -89,6 +90,17 @@ def fig_pingpong(res, cfg, lib, lib_reason, out):
             (f"kvmirqfast vCPU poll {cfg.pp_poll_ns // 1000}us, engine blocking",
              lambda: _pp_kvmirqfast(lib, cfg.pp_spin_iters, cfg.pp_poll_ns, cfg.pp_seconds,
                                     engine_poll_ns=0))]
+    # Blocking again with every thread on one CPU (threads inherit the creator's affinity): no
+    # cross-CPU wake-ups, so what is left is the work done per round trip.
+    one_cpu = _placements()[-1]
+    if one_cpu is not None:
+        def on_one_cpu(fn):
+            def run():
+                with _Pinned(one_cpu):
+                    return fn()
+            return run
+        plan += [(f"{name}, CPU{one_cpu} only", on_one_cpu(fn)) for name, fn in plan
+                 if name in ("kvmirqfast blocking", "C blocking", "C blocking, epoll_wait + read")]
     pooled = {name: [] for name, _ in plan}
     for rnd in range(cfg.pp_rounds):            # interleaved: a shift in the machine hits all
         for name, fn in plan:
@@ -113,6 +125,13 @@ def fig_pingpong(res, cfg, lib, lib_reason, out):
             "kvmirqfast, engine delivers", runs["kvmirqfast blocking, engine delivers"]["median"],
             "(ref)", note="vcpu_harvest=False: device -> engine thread -> vCPU, two wake-ups")
     res.row("ping-pong blocking: p99", kb["p99"], "ns", "C blocking", cb["p99"], "(ref)")
+    if one_cpu is not None:
+        k1 = runs[f"kvmirqfast blocking, CPU{one_cpu} only"]
+        for base in ("C blocking", "C blocking, epoll_wait + read"):
+            res.row(f"ping-pong blocking, all on CPU{one_cpu}: median", k1["median"], "ns",
+                    base, runs[f"{base}, CPU{one_cpu} only"]["median"], "(ref)",
+                    note="device, vCPU and engine threads on one CPU: no cross-CPU wake-ups, "
+                         "the work per round trip" if base == "C blocking" else "")
     res.row(f"ping-pong poll {cfg.pp_poll_ns // 1000}us: median", kp["median"], "ns",
             "C spinning", cs["median"], "<= 1.25x", check=lambda r: r.ratio <= 1.25,
             note="the polling vCPU harvests the eventfds itself, the engine stands aside; "
