@@ -181,3 +181,26 @@ def test_a_write_while_the_harvester_is_away_arrives_within_the_lease(vm, fds):
         assert halt_then(vm, cpu, lambda: os.eventfd_write(a, 1)) == 0x41
     os.eventfd_write(b, 1)                  # nobody halts now: the engine must take it
     assert wait_until(lambda: 0x42 in cpu.pending(), timeout=0.3)
+
+
+def test_ctrl_c_interrupts_a_halted_main_thread_and_leaves_the_engine_usable(vm, fds):
+    # A vCPU loop run in the main thread must stay interruptible: SIGINT lands while it sleeps
+    # in epoll_wait (harvesting); KeyboardInterrupt comes out, the harvester token is given back.
+    import signal
+    import threading as th
+    if th.current_thread() is not th.main_thread():
+        pytest.skip("signals are delivered to the main thread only")
+    cpu = vm.create_vcpu(0)
+    e = fds.eventfd()
+    vm.irqfd_direct(e, msi(0, 0x41))
+    main = th.main_thread().ident
+    timer = th.Timer(0.2, lambda: signal.pthread_kill(main, signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cpu.wait_interrupt()            # no timeout: only the signal ends it
+    finally:
+        timer.cancel()
+    assert vm._engine.halted() == 0
+    assert halt_then(vm, cpu, lambda: os.eventfd_write(e, 1)) == 0x41
+    assert vm.stats()["vcpu_harvested"] == 1    # it harvested again: the token was released
