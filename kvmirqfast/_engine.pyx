@@ -6,7 +6,9 @@ wakeup it does what KVM's irqfd_wakeup does: take the irqfd's route, consume the
 deliver an MSI at once ("inatomic"), and hand anything else to the deferred worker, a Python
 thread that plays irqfd_inject.  The counters of a whole batch are read by one io_uring_enter
 through the engine's own references to the eventfds (fixed files), as KVM reads through its
-eventfd_ctx rather than an fd number.
+eventfd_ctx rather than an fd number.  A halted vCPU runs the same batch itself (engine_halt):
+it sleeps in epoll_wait on the same set, so a device write wakes it directly, as KVM delivers
+inside write() and kicks the vCPU; the engine thread stands aside meanwhile.
 
 Ordering rules, stated once:
 * ``batch_seq`` is odd while the engine holds records returned by epoll_wait.  The control plane
@@ -16,8 +18,12 @@ Ordering rules, stated once:
   KVM's synchronize_srcu() after an irqfd update, in a dozen lines.
 * The engine loads the route before it consumes the counter, so a write it consumes was made
   after the route it delivers with was current (see Vm._retarget).
-* Only the engine thread touches the io_uring SQ/CQ; fixed-file slots change (pin/unpin) from
-  the control plane, and a slot is emptied only after its record is dead and synchronized.
+* Batches run one at a time (batch_lock), the engine thread's or a halted vCPU's; only the batch
+  touches the io_uring SQ/CQ.  Fixed-file slots change (pin/unpin) from the control plane, and
+  a slot is emptied only after its record is dead and synchronized.
+* A vCPU asleep in epoll_wait publishes ``harvesting`` before its last look at the IRR, and a
+  deliverer publishes the IRR before reading it (lapic_kick), so a delivery from elsewhere
+  either is seen or writes the kick eventfd that wakes it.
 """
 
 from cpython.exc cimport PyErr_CheckSignals
