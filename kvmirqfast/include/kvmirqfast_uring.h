@@ -2,8 +2,8 @@
  * reference, like KVM's eventfd_ctx reference, without using a slot of the fd table), and reads
  * of those files batched into one io_uring_enter per epoll batch.
  *
- * Threading: only the engine thread touches the SQ and CQ.  kif_ring_set_file (a register call)
- * may come from any thread.
+ * Threading: one batch at a time touches the SQ and CQ (the engine's batch_lock: the engine
+ * thread's or a halted vCPU's).  kif_ring_set_file (a register call) may come from any thread.
  */
 #ifndef KVMIRQFAST_URING_H
 #define KVMIRQFAST_URING_H
