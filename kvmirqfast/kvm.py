@@ -45,6 +45,7 @@ from .guest import (EOI, IDLE, KVM_CAP_HALT_POLL, KVM_CAP_NR_MEMSLOTS, LAPIC_ENA
                     PORT_EOI, PORT_INTR, GuestCpu, GuestError, GuestImage)
 from .irqfd import CLAIMS, eventfd_key
 from .kvm_gsi import GsiAllocator, RoutingTableFull  # noqa: F401 (re-exported)
+from .lifecycle import Closing
 from .routing import GsiRoutingTable, IrqchipEntry, MsiEntry
 
 __all__ = ["KvmVm", "KvmVcpu", "KvmUnavailable", "RoutingTableFull", "GuestError", "kvm_usable",
@@ -270,7 +271,7 @@ class KvmVcpu:
 
 
 # ================================================================================================
-class KvmVm:
+class KvmVm(Closing):
     """A real KVM VM with the API of ``kvmirqfast.Vm`` (``backend="kvm"``).
 
     ``KvmVm(arch="x86", irqchip=False, poll_ns=0)``: ``poll_ns`` sets KVM's halt-polling window
@@ -377,22 +378,6 @@ class KvmVm:
             if self._image is not None:
                 self._image.close()
                 self._image = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    @property
-    def closed(self):
-        return self._closed
 
     @property
     def fd(self):

@@ -26,6 +26,7 @@ from .arch import get_arch
 from .irq import KVM_USERSPACE_IRQ_SOURCE_ID, Irqchip
 from .irqfd import (CLAIMS, NO_ROUTE_WORD, ROUTE_MSI, SLOW_ROUTE_WORD, IrqfdIndex, eventfd_info,
                     eventfd_key, msi_route_word, new_record)
+from .lifecycle import Closing
 from .routing import GsiRoutingTable, IrqchipEntry, MsiEntry
 from .vcpu import Vcpu
 
@@ -70,7 +71,7 @@ def _fd_arg(value, name):
     return value
 
 
-class Vm:
+class Vm(Closing):
     """An in-process VM with KVM's irqfd, GSI routing and the KVM_IRQFD_DIRECT proposal.
 
     ``Vm(arch="x86", backend="model", irqchip=False, poll_ns=0)``: ``backend="kvm"`` returns the
@@ -154,22 +155,6 @@ class Vm:
         if self._worker is not threading.current_thread():
             self._worker.join()
         del keep
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    @property
-    def closed(self):
-        return self._closed
 
     def _check_open(self):
         if self._closed:
