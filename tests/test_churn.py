@@ -120,6 +120,7 @@ class Churn:
         self.outstanding = {}                 # (slot, gen) -> Write
         self.writes = []
         self.epochs = []
+        self.epochs_lock = threading.Lock()     # an epoch's id is its index in self.epochs
         self.misdelivered = []                # (t, vcpu, vector, why)
         self.acks = [0] * n_vcpus
         self.gsi_target = {}                  # gsi -> target, the table in force
@@ -145,8 +146,9 @@ class Churn:
             return pool.pop()
 
     def new_epoch(self, slot, target, begin):
-        e = Epoch(len(self.epochs), slot.idx, slot.gen, target, begin)
-        self.epochs.append(e)
+        with self.epochs_lock:                # two control threads must not share an id
+            e = Epoch(len(self.epochs), slot.idx, slot.gen, target, begin)
+            self.epochs.append(e)
         self.owner[target] = e                # before the call that makes it live
         self.history.setdefault(target, []).append(("epoch", e.id))
         return e
