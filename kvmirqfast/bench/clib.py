@@ -176,17 +176,19 @@ static void *pp_responder(void *arg)
     uint64_t one = 1, v;
     struct epoll_event ev = { .events = EPOLLIN | EPOLLET };
     int ep = -1;
-    if (r->spin == 2) {                 /* the engine's syscalls: epoll_wait, then read */
+    if (r->spin >= 2) {                 /* the engine's syscalls: epoll_wait, then read */
         ep = epoll_create1(EPOLL_CLOEXEC);
         epoll_ctl(ep, EPOLL_CTL_ADD, r->a, &ev);
     }
     for (;;) {
-        if (r->spin == 2) {
-            if (epoll_wait(ep, &ev, 1, -1) < 1 || read(r->a, &v, 8) != 8) {
+        if (r->spin >= 2) {             /* 2: blocking epoll_wait; 3: spinning epoll_wait(0) */
+            if (epoll_wait(ep, &ev, 1, r->spin == 2 ? -1 : 0) < 1 || read(r->a, &v, 8) != 8) {
                 if (*r->done) {
                     close(ep);
                     return NULL;
                 }
+                if (r->spin == 3)
+                    relax();
                 continue;
             }
         } else if (r->spin) {
@@ -207,13 +209,14 @@ static void *pp_responder(void *arg)
     }
 }
 
-/* C ping-pong between two threads: blocking reads (spin = 0), both sides spinning (1), or
-   blocking with the responder in epoll_wait + read (2: what a harvesting vCPU does). */
+/* C ping-pong between two threads: blocking reads (spin = 0), both sides spinning (1),
+   blocking with the responder in epoll_wait + read (2: what a harvesting vCPU does), or both
+   spinning with the responder on epoll_wait(0) + read (3: what a halt-polling vCPU does). */
 int kb_pp_c(int iters, int spin, uint64_t budget_ns, uint64_t *samples)
 {
     volatile int done = 0;
     uint64_t big = 1;
-    int flags = EFD_CLOEXEC | (spin == 1 ? EFD_NONBLOCK : 0), n;
+    int flags = EFD_CLOEXEC | (spin & 1 ? EFD_NONBLOCK : 0), n;
     struct pp_resp r;
     pthread_t t;
     r.a = eventfd(0, flags | (spin == 2 ? EFD_NONBLOCK : 0));
@@ -224,7 +227,7 @@ int kb_pp_c(int iters, int spin, uint64_t budget_ns, uint64_t *samples)
     if (r.a < 0 || r.b < 0)
         return -errno;
     pthread_create(&t, NULL, pp_responder, &r);
-    n = kb_pp_device(r.a, r.b, iters, spin == 1 ? ~0ull : 0, budget_ns, samples, &done);
+    n = kb_pp_device(r.a, r.b, iters, spin & 1 ? ~0ull : 0, budget_ns, samples, &done);
     write(r.a, &big, 8);              /* release a responder blocked in read() */
     pthread_join(t, NULL);
     close(r.a);
