@@ -211,7 +211,6 @@ cdef inline int apic_bus_deliver(apic_bus_t *bus, uint64_t route) noexcept nogil
 cdef class Lapic:
     cdef lapic_t *l
     cdef void *mem
-    cdef bint _wait(self, int64_t timeout_ns, uint64_t poll_ns) noexcept nogil
     cdef int _ack(self) noexcept
     cdef int _eoi(self, bint *level) noexcept
 

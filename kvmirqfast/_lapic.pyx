@@ -6,13 +6,11 @@ OR, cleared with atomic AND.  ack() and eoi() are meant to be called by the vCPU
 as a guest acknowledges its own interrupts; they are still atomic so misuse cannot corrupt IRR.
 """
 
-from cpython.exc cimport PyErr_CheckSignals
-from libc.stdint cimport uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport free
 from libc.string cimport memset
 from kvmirqfast._sys cimport (kif_load32, kif_load32_relaxed, kif_store32, kif_or32, kif_and32,
-                              kif_add32, kif_sub32, kif_load64_relaxed, kif_futex_wait,
-                              kif_futex_wake, kif_now_ns, kif_cpu_relax, kif_cas32, timespec)
+                              kif_load64_relaxed, kif_cas32)
 
 cdef extern from "<stdlib.h>" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
@@ -128,51 +126,10 @@ cdef class Lapic:
             vectors_to_bits(self.l.irr, irr)
             lapic_kick(self.l)
 
-    # -- the guest's side: HLT, INTA, EOI -----------------------------------------------------
+    # -- the guest's side: INTA, EOI (HLT is Engine.halt: it harvests while it sleeps) --------
     def has_interrupt(self):
         """True if an interrupt is deliverable now (IRR above the in-service priority class)."""
         return deliverable(self.l) >= 0
-
-    cdef bint _wait(self, int64_t timeout_ns, uint64_t poll_ns) noexcept nogil:
-        cdef uint64_t start = kif_now_ns()
-        if deliverable(self.l) >= 0:
-            return True
-        while poll_ns:                       # halt-polling: a short spin beats a wake-up
-            kif_cpu_relax()
-            if deliverable(self.l) >= 0:
-                return True
-            if kif_now_ns() - start >= poll_ns:
-                break
-        if timeout_ns >= 0:
-            timeout_ns -= <int64_t>(kif_now_ns() - start)
-            if timeout_ns <= 0:
-                return False
-        return lapic_sleep(self.l, timeout_ns)
-
-    def wait(self, timeout=None, poll_ns=0):
-        """Block like HLT until an interrupt is deliverable; False on timeout or VM close.
-
-        ``timeout`` in seconds (None = forever); ``poll_ns`` spins that long before sleeping.
-        Runs without the GIL; wakes within ~50 ms for signals (KeyboardInterrupt).
-        """
-        cdef int64_t chunk = 50000000, total, t
-        cdef uint64_t poll = poll_ns
-        cdef bint got
-        total = -1 if timeout is None else <int64_t>(float(timeout) * 1e9)
-        while True:
-            t = chunk if (total < 0 or total > chunk) else total
-            with nogil:
-                got = self._wait(t, poll)
-            if got:
-                return True
-            if kif_load32(&self.l.shutdown):
-                return False
-            if total >= 0:
-                total -= t
-                if total <= 0:
-                    return False
-            PyErr_CheckSignals()
-            poll = 0
 
     cdef int _ack(self) noexcept:
         cdef int v
