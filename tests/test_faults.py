@@ -21,6 +21,7 @@ import pytest
 from kvmirqfast import IrqchipEntry, MsiEntry, Vm, msi_address, msi_data
 from kvmirqfast import irqfd as irqfd_mod
 from kvmirqfast.irqfd import CLAIMS
+from kvmirqfast.testing import wait_for
 
 WAIT = 2.0
 
@@ -36,12 +37,7 @@ def E(cpu, vector):
 
 
 def wait_until(pred, timeout=WAIT, interval=0.001):
-    end = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v or time.monotonic() >= end:
-            return v
-        time.sleep(interval)
+    return wait_for(pred, timeout, interval)
 
 
 def drain(cpu):
