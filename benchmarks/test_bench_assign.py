@@ -1,10 +1,9 @@
 """Assign + deassign N direct irqfds; ``extra_info`` has the cost per irqfd of each half."""
-import time
-
 import pytest
 
 from kvmirqfast import MsiEntry, Vm, msi_address, msi_data
 from kvmirqfast.bench import _close_all, _eventfds, _vector
+from kvmirqfast.bench.control import assign_cycle
 
 ROUNDS = {16: 50, 1024: 5, 16384: 2}
 
@@ -18,18 +17,10 @@ def test_assign_deassign(benchmark, n):
         with Vm(irqchip=True) as vm:
             vm.create_vcpu(0)
 
-            def cycle():
-                t0 = time.perf_counter()
-                for fd, e in zip(fds, entries):
-                    vm.irqfd_direct(fd, e)
-                t1 = time.perf_counter()
-                for fd in fds:
-                    vm.irqfd_direct_deassign(fd)
-                halves.append((t1 - t0, time.perf_counter() - t1))
-
-            benchmark.pedantic(cycle, rounds=ROUNDS[n], iterations=1)
+            benchmark.pedantic(lambda: halves.append(assign_cycle(vm, fds, entries)),
+                               rounds=ROUNDS[n], iterations=1)
     finally:
         _close_all(fds)
-    a = sorted(h[0] for h in halves)[len(halves) // 2] / n
-    d = sorted(h[1] for h in halves)[len(halves) // 2] / n
+    a = sorted(h[0] for h in halves)[len(halves) // 2]
+    d = sorted(h[1] for h in halves)[len(halves) // 2]
     benchmark.extra_info.update({"n": n, "assign_s_per_irqfd": a, "deassign_s_per_irqfd": d})
