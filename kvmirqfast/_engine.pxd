@@ -13,6 +13,7 @@ cdef enum:
     KICK_TAG = 1            # epoll data of the kick eventfd (records are pointers, never 1)
     HARVEST_LEASE_NS = 1000000  # a vCPU that took an interrupt is expected back within this
     IDLE_HARVEST_NS = 10000000  # a harvester asleep this long is idle: the engine naps deeply
+    STALE_MAX = 64          # unpinned slots that may keep their eventfd until released together
 
 # One assigned irqfd.  The epoll registration's data.ptr points here, so a wakeup goes straight
 # from the eventfd to its route: no lookup on the hot path.
@@ -85,10 +86,12 @@ cdef class Engine:
     cdef bint closed
     cdef int owner_pid          # fork(): a child must not join the parent's thread
     cdef list _free_slots       # free fixed-file slots (control plane, under the Vm lock)
-    cdef set _pinned            # slots in use, cleared before the ring goes back to the pool
+    cdef list _stale_slots      # unpinned slots still holding their eventfd (see Engine.unpin)
+    cdef set _pinned            # slots holding a file, cleared before the ring goes to the pool
     cdef unsigned nfiles
     cdef unsigned next_slot     # slots below it have been used; above, never
     cdef public object ring_error   # why io_uring is not used, or None
     cdef void _stop_thread(self) noexcept
     cdef void _release(self) noexcept
     cdef void _release_locked(self) noexcept
+    cdef void _flush_stale(self) noexcept

@@ -87,6 +87,11 @@ cdef class IrqfdRecord:
         return self.rec.slot >= 0
 
     @property
+    def slot(self):
+        """The io_uring fixed-file slot of that reference, or -1."""
+        return self.rec.slot
+
+    @property
     def defer_count(self):
         return kif_load32(&self.rec.defer_count)
 
@@ -517,6 +522,7 @@ cdef class Engine:
         if epoll_ctl(self.e.epfd, EPOLL_CTL_ADD, self.e.kickfd, &ev) < 0:
             raise OSError(errno, os.strerror(errno))
         self._free_slots = []
+        self._stale_slots = []
         self.ring_error = None
         self._pinned = set()
         if use_ring:
@@ -574,6 +580,7 @@ cdef class Engine:
             for slot in self._pinned:            # drop our references to every eventfd
                 kif_ring_set_file(&self.e.ring, slot, -1)
             self._pinned = set()
+            self._stale_slots = []
             ring_give(&self.e.ring, self.nfiles)
             self.e.has_ring = False
         if self.e.epfd >= 0:
@@ -675,40 +682,84 @@ cdef class Engine:
 
         KVM holds the eventfd_ctx, not an fd number: with this, closing or reusing the fd
         number the irqfd was assigned with changes nothing, and no fd-table slot is used.
-        Returns False where io_uring is unavailable (reads then use the fd number).
+        Returns False where io_uring is unavailable (reads then use the fd number).  One
+        io_uring register call.  O(1).
         """
         cdef int slot, rc
+        cdef list origin
         if not self.e.has_ring:
             return False
-        if self._free_slots:                     # reuse a released slot, else a fresh one
-            slot = self._free_slots.pop()
+        if self._stale_slots:                    # overwriting puts the old file: one call
+            origin = self._stale_slots
+        elif self._free_slots:
+            origin = self._free_slots
         elif self.next_slot < self.nfiles:
+            origin = None
+        else:
+            return False
+        if origin is None:
             slot = self.next_slot
             self.next_slot += 1
         else:
-            return False
+            slot = origin.pop()
         rc = kif_ring_set_file(&self.e.ring, slot, fd)
         if rc < 0:
-            self._free_slots.append(slot)
+            # A failed update may already have emptied the slot; stale is right either way.
+            self._stale_slots.append(slot)
+            self._pinned.add(slot)
             raise OSError(-rc, os.strerror(-rc))
         r.rec.slot = slot
         self._pinned.add(slot)
         return True
 
     def unpin(self, IrqfdRecord r not None):
-        """Drop our reference (after the record is dead: the engine no longer reads it)."""
+        """Give up r's slot (after r is dead and synchronized: the engine reads it no more).
+
+        The slot keeps its reference to the eventfd until pin() reuses it or STALE_MAX slots
+        wait, then released in runs of consecutive slots: deassign makes no system call for
+        it.  KVM, too, puts the eventfd after deassign returns (from a workqueue).  O(1)
+        amortized.
+        """
         cdef int slot = r.rec.slot
         if slot < 0:
             return
         r.rec.slot = -1
         if self.e.has_ring:
-            kif_ring_set_file(&self.e.ring, slot, -1)
-            self._free_slots.append(slot)
-            self._pinned.discard(slot)
+            self._stale_slots.append(slot)
+            if len(self._stale_slots) >= STALE_MAX:
+                self._flush_stale()
+
+    cdef void _flush_stale(self) noexcept:
+        cdef list slots = sorted(self._stale_slots)
+        cdef Py_ssize_t i = 0, j, n = len(slots)
+        cdef int first
+        self._stale_slots = []
+        while i < n:
+            first = slots[i]
+            j = i + 1
+            while j < n and j - i < KIF_CLEAR_MAX and <int>slots[j] == first + (j - i):
+                j += 1
+            if kif_ring_clear_files(&self.e.ring, first, j - i) == 0:
+                for slot in slots[i:j]:
+                    self._pinned.discard(slot)
+                    self._free_slots.append(slot)
+            else:                                # keep them: a later flush or close() retries
+                self._stale_slots.extend(slots[i:j])
+            i = j
+
+    @property
+    def stale_slots(self):
+        """Slots given up by unpin() that still hold their eventfd (at most STALE_MAX)."""
+        return len(self._stale_slots)
 
     @property
     def uses_ring(self):
         return bool(self.e.has_ring)
+
+    @property
+    def ring_fd(self):
+        """The io_uring that holds our eventfd references (its fdinfo lists them), or -1."""
+        return self.e.ring.fd if self.e.has_ring else -1
 
     @staticmethod
     def same_file(int fd1, int fd2):

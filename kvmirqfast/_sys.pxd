@@ -121,6 +121,8 @@ cdef extern from "kvmirqfast_uring.h" nogil:
     void kif_ring_free(kif_ring *r)
     int kif_ring_init(kif_ring *r, unsigned entries, unsigned nfiles)
     int kif_ring_set_file(kif_ring *r, unsigned slot, int fd)
+    int kif_ring_clear_files(kif_ring *r, unsigned first, unsigned n)
+    enum: KIF_CLEAR_MAX
     void kif_ring_prep_read(kif_ring *r, unsigned slot, void *buf, uint64_t user_data)
     int kif_ring_submit_wait(kif_ring *r, unsigned submit, unsigned wait)
     int kif_ring_reap(kif_ring *r, uint64_t *user_data, int *res)

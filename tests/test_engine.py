@@ -6,6 +6,7 @@ call returns; the engine's counters add up.
 """
 
 import os
+import re
 import resource
 import threading
 import time
@@ -421,6 +422,58 @@ def test_deassign_by_dup_after_closing_the_assigned_fd_leaves_no_registration(vm
     assert stays(lambda: vm.stats()["events"] == before, 0.1)
     assert fdinfo_count(keep) == 5
     assert cpu.pending() == []
+
+
+def ring_files(ring_fd):
+    """Fixed-file slots in use in an io_uring (its fdinfo lists one line per file held)."""
+    with open(f"/proc/self/fdinfo/{ring_fd}") as f:
+        text = f.read()
+    listing = text.split("UserFiles:")[1].splitlines()[1:]
+    held = 0
+    for line in listing:
+        if not re.match(r"\s+\d+: ", line):
+            break
+        held += 1
+    return held
+
+
+def test_deassign_gives_eventfd_references_back_in_bounded_batches(vm, fds):
+    # Deassign leaves its fixed-file slot holding the eventfd (no system call); at most
+    # STALE_MAX such slots wait, and close() drops every reference.
+    eng = vm._engine
+    if not eng.uses_ring:
+        pytest.skip(f"io_uring unavailable: {eng.ring_error}")
+    vm.create_vcpu(0)
+    evs = [fds.eventfd() for _ in range(100)]
+    for e in evs:
+        vm.irqfd_direct(e, msi(0, 0x41))
+    ring = eng.ring_fd
+    assert ring_files(ring) == 100
+    for e in evs:
+        vm.irqfd_direct_deassign(e)
+    assert eng.stale_slots == 100 - 64               # one batch of 64 went back at once
+    assert ring_files(ring) == eng.stale_slots
+    for e in evs[:10]:                               # a new assign reuses a waiting slot
+        vm.irqfd_direct(e, msi(0, 0x41))
+    assert eng.stale_slots == 26 and ring_files(ring) == 36
+    vm.close()
+    assert ring_files(ring) == 0                     # the ring went back to the pool empty
+
+
+def test_a_reused_slot_reads_only_its_new_eventfd(vm, fds):
+    cpu = vm.create_vcpu(0)
+    a, b = fds.eventfd(), fds.eventfd()
+    vm.irqfd_direct(a, msi(0, 0x41))
+    slot = vm._by_fd[a].slot
+    vm.irqfd_direct_deassign(a)
+    vm.irqfd_direct(b, msi(0, 0x42))                 # takes the slot a's eventfd still sits in
+    assert slot >= 0 and vm._by_fd[b].slot == slot
+    os.eventfd_write(a, 1)
+    os.eventfd_write(b, 1)
+    assert cpu.wait_interrupt(timeout=WAIT) and cpu.ack() == 0x42
+    cpu.eoi()
+    assert stays(lambda: cpu.pending() == [], 0.1)
+    assert fdinfo_count(a) == 1 and fdinfo_count(b) == 0
 
 
 def test_modify_keeps_an_already_consumed_event_on_the_old_irqchip_target(vm, fds):

@@ -96,6 +96,24 @@ static inline int kif_ring_set_file(struct kif_ring *r, unsigned slot, int fd) {
     return 0;
 }
 
+/* Empty fixed-file slots [first, first + n) in one register call (n <= KIF_CLEAR_MAX);
+ * dropping a slot's file puts our reference to it. */
+#define KIF_CLEAR_MAX 64
+static inline int kif_ring_clear_files(struct kif_ring *r, unsigned first, unsigned n) {
+    struct io_uring_rsrc_update2 up;
+    int fds[KIF_CLEAR_MAX];
+    if (n > KIF_CLEAR_MAX)
+        return -EINVAL;
+    memset(fds, 0xff, sizeof(fds));         /* every entry -1 */
+    memset(&up, 0, sizeof(up));
+    up.offset = first;
+    up.data = (uint64_t)(uintptr_t)fds;
+    up.nr = n;
+    if (syscall(__NR_io_uring_register, r->fd, IORING_REGISTER_FILES_UPDATE2, &up, sizeof(up)) < 0)
+        return -errno;
+    return 0;
+}
+
 /* Queue an 8-byte non-blocking read of fixed file `slot` into `buf` (the caller keeps at most
  * `entries` queued between submits).  RWF_NOWAIT: an empty counter completes with -EAGAIN at
  * once instead of arming a poll that would consume a later write. */
