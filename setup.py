@@ -18,5 +18,5 @@ def ext(name):
                      extra_compile_args=cflags, extra_link_args=ldflags)
 
 
-setup(ext_modules=cythonize([ext("_lapic"), ext("_engine")],
+setup(ext_modules=cythonize([ext("_lapic"), ext("_engine"), ext("_index")],
                             compiler_directives={"language_level": "3"}))

@@ -1,6 +1,6 @@
 # The data plane: one engine thread that waits on every assigned eventfd and delivers.
 
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from kvmirqfast._sys cimport pthread_t, pthread_mutex_t, pthread_cond_t, kif_ring
 from kvmirqfast._lapic cimport apic_bus_t, ApicBus, Lapic
 
@@ -28,6 +28,9 @@ cdef struct irqfd_t:
     uint64_t assign_count   # the count found at assign (delivered without consuming)
     irqfd_t *defer_next     # deferred list link, protected by engine_t.dlock
     void *owner             # the IrqfdRecord that owns this memory (borrowed)
+    irqfd_t *index_left     # the VM's index by eventfd identity (_index.pyx): control plane only
+    irqfd_t *index_right
+    int64_t index_key
 
 cdef struct engine_stats_t:
     uint64_t events         # eventfd wakeups harvested from epoll

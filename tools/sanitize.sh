@@ -48,7 +48,7 @@ LIBASAN=$($CC -print-file-name=libasan.so)
 LIBUBSAN=$($CC -print-file-name=libubsan.so)
 if [ "$#" -eq 0 ]; then
     set -- tests/test_churn.py tests/test_faults.py
-    for t in tests/test_engine.py tests/test_halt.py tests/test_vm.py; do
+    for t in tests/test_engine.py tests/test_halt.py tests/test_vm.py tests/test_index.py; do
         [ -f "$WORK/$t" ] && set -- "$@" "$t"
     done
 fi
