@@ -98,3 +98,7 @@ cdef class Engine:
     cdef void _release(self) noexcept
     cdef void _release_locked(self) noexcept
     cdef void _flush_stale(self) noexcept
+    cdef void _unpin(self, IrqfdRecord r)
+    cdef bint _unregister(self, IrqfdRecord r, int fd) noexcept
+    cdef void _kill(self, IrqfdRecord r) noexcept
+    cdef void _synchronize(self) noexcept

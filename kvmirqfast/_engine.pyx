@@ -481,6 +481,28 @@ cdef void ring_give(kif_ring *ring, unsigned nfiles) noexcept:
 cdef int _pool_pid = getpid()
 
 
+cdef uint64_t consume_counter(int fd) noexcept nogil:
+    """Read (and so reset) an eventfd counter through ``fd`` without blocking; 0 if none."""
+    cdef uint64_t count = 0
+    cdef iovec iov
+    iov.iov_base = &count
+    iov.iov_len = 8
+    if preadv2(fd, &iov, 1, -1, RWF_NOWAIT) != 8:
+        return 0
+    return count
+
+
+cdef uint64_t drain_counter(IrqfdRecord r, int fd) noexcept:
+    """Engine.drain: the writes pending on r's eventfd through ``fd``, taken; 0 if none."""
+    cdef uint32_t flags = kif_load32(&r.rec.flags)
+    if flags & (IRQFD_PENDING_AT_ASSIGN | IRQFD_UNCONSUMED):
+        if kif_eventfd_count(fd) <= <int64_t>r.rec.assign_count:
+            return 0
+        kif_and32(&r.rec.flags, ~(<uint32_t>(IRQFD_PENDING_AT_ASSIGN | IRQFD_UNCONSUMED)))
+    with nogil:
+        return consume_counter(fd)
+
+
 cdef class Engine:
     """The engine thread, its epoll set and its deferred queue.
 
@@ -647,10 +669,17 @@ cdef class Engine:
         epoll checks that for us (DEL fails with ENOENT otherwise) and then nothing changes
         and False is returned.  One epoll_ctl + a grace period.
         """
+        return self._unregister(r, fd)
+
+    cdef bint _unregister(self, IrqfdRecord r, int fd) noexcept:
         if not self.closed and epoll_ctl(self.e.epfd, EPOLL_CTL_DEL, fd, NULL) != 0:
             return False
-        self.kill(r)
+        self._kill(r)
         return True
+
+    cdef void _kill(self, IrqfdRecord r) noexcept:
+        kif_or32(&r.rec.flags, IRQFD_DEAD)
+        self._synchronize()
 
     def kill(self, IrqfdRecord r not None):
         """Mark a record dead without touching epoll (its registration is gone or unreachable).
@@ -658,8 +687,7 @@ cdef class Engine:
         Edge-triggered, a dead record that still gets wakeups never reads its eventfd, so it
         costs a wakeup per write and nothing else.
         """
-        kif_or32(&r.rec.flags, IRQFD_DEAD)
-        self.synchronize()
+        self._kill(r)
 
     def is_registered(self, IrqfdRecord r not None, int fd):
         """True if epoll holds ``fd``'s current file under the number ``fd`` (EPOLL_CTL_MOD).
@@ -720,6 +748,9 @@ cdef class Engine:
         it.  KVM, too, puts the eventfd after deassign returns (from a workqueue).  O(1)
         amortized.
         """
+        self._unpin(r)
+
+    cdef void _unpin(self, IrqfdRecord r):
         cdef int slot = r.rec.slot
         if slot < 0:
             return
@@ -779,14 +810,7 @@ cdef class Engine:
 
         The control plane uses it to drain an irqfd at retarget and deassign (see Vm._drain).
         """
-        cdef uint64_t count = 0
-        cdef iovec iov
-        iov.iov_base = &count
-        iov.iov_len = 8
-        with nogil:
-            if preadv2(fd, &iov, 1, -1, RWF_NOWAIT) != 8:
-                count = 0
-        return count
+        return consume_counter(fd)
 
     def drain(self, IrqfdRecord r not None, int fd):
         """Take the writes pending on r's eventfd through ``fd``; the count taken (0: none).
@@ -795,12 +819,7 @@ cdef class Engine:
         left in the counter as KVM leaves it, unless writes came on top of it (then the engine
         may race us to it: one of us gets it).  Used at retarget and deassign (Vm._drain).
         """
-        cdef uint32_t flags = kif_load32(&r.rec.flags)
-        if flags & (IRQFD_PENDING_AT_ASSIGN | IRQFD_UNCONSUMED):
-            if kif_eventfd_count(fd) <= <int64_t>r.rec.assign_count:
-                return 0
-            kif_and32(&r.rec.flags, ~(<uint32_t>(IRQFD_PENDING_AT_ASSIGN | IRQFD_UNCONSUMED)))
-        return self.consume(fd)
+        return drain_counter(r, fd)
 
     def detach(self, IrqfdRecord r not None, int fd):
         """Deassign's data-plane half in one call: remove r's registration through ``fd``
@@ -810,10 +829,10 @@ cdef class Engine:
         Returns the count taken (0: none), or -1 if ``fd`` is not r's registration (then
         nothing changed).  One epoll_ctl, one read, one slot release: O(log n) in the kernel.
         """
-        if not self.unregister(r, fd):
+        if not self._unregister(r, fd):
             return -1
-        count = self.drain(r, fd)
-        self.unpin(r)
+        count = drain_counter(r, fd)
+        self._unpin(r)
         return count
 
     property vcpu_harvest:
@@ -863,6 +882,9 @@ cdef class Engine:
 
     def synchronize(self):
         """Wait until the engine holds no record it held when this was called.  Usually O(1)."""
+        self._synchronize()
+
+    cdef void _synchronize(self) noexcept:
         cdef uint64_t s
         if not self.started:
             return

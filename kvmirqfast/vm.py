@@ -65,6 +65,10 @@ def _deferred_worker(vm_ref, engine):
         del vm
 
 
+def _is_direct(r):
+    return r.direct
+
+
 def _fd_arg(value, name):
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int file descriptor, not {type(value).__name__}")
@@ -374,7 +378,7 @@ class Vm(Closing):
         _fd_arg(eventfd, "eventfd")
         with self._lock:
             self._check_open()
-            return self._find_and_detach(eventfd, lambda r: r.direct)
+            return self._find_and_detach(eventfd, _is_direct)
 
     def irqfd_count(self):
         """Assigned irqfds (legacy and direct).  O(1)."""
@@ -465,14 +469,16 @@ class Vm(Closing):
         return True
 
     def _forget(self, r):
+        # Under the lock, open: see CLAIMS.release_own.
         self._engine.unpin(r)                   # r is dead: the engine reads it no more
         self._index.pop(r.key)
         if self._by_fd.get(r.fd) is r:
             del self._by_fd[r.fd]
-        CLAIMS.release(r.key, self)
+        CLAIMS.release_own(r.key, self)
         if r.inject_pending:
             self._graveyard.add(r)              # the worker drops it when it pops it
-        self._irq.drop_resampler(r)
+        if r.resampler is not None:
+            self._irq.drop_resampler(r)
 
     def _unregister_elsewhere(self, r, fd):
         # ``fd`` refers to r's eventfd under another number than r's registration.  epoll can
