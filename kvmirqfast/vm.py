@@ -21,11 +21,11 @@ import weakref
 
 from . import uapi
 from ._engine import Engine
-from ._lapic import ApicBus, Lapic
+from ._lapic import ApicBus, Lapic, x86_msi_route_word
 from .arch import get_arch
 from .irq import KVM_USERSPACE_IRQ_SOURCE_ID, Irqchip
 from .irqfd import (CLAIMS, NO_ROUTE_WORD, ROUTE_MSI, SLOW_ROUTE_WORD, IrqfdIndex, eventfd_info,
-                    eventfd_key, msi_route_word, new_record)
+                    eventfd_key, new_record)
 from .lifecycle import Closing
 from .routing import GsiRoutingTable, IrqchipEntry, MsiEntry
 from .vcpu import Vcpu
@@ -287,13 +287,13 @@ class Vm(Closing):
             return NO_ROUTE_WORD
         if len(entries) == 1 and isinstance(entries[0], MsiEntry) and self.arch.name == "x86":
             e = entries[0]
-            return msi_route_word(self.arch.decode_msi(e.address_lo, e.address_hi, e.data))
+            return x86_msi_route_word(e.address_lo, e.address_hi, e.data, self.arch.x2apic_format)
         return SLOW_ROUTE_WORD                  # irqchip pins, or several entries: the worker
 
     def _entry_route_word(self, entry):
         if isinstance(entry, MsiEntry) and self.arch.name == "x86":
-            return msi_route_word(self.arch.decode_msi(entry.address_lo, entry.address_hi,
-                                                       entry.data))
+            return x86_msi_route_word(entry.address_lo, entry.address_hi, entry.data,
+                                      self.arch.x2apic_format)
         return SLOW_ROUTE_WORD
 
     # -- legacy irqfd (KVM_IRQFD) --------------------------------------------------------------

@@ -215,3 +215,13 @@ def test_get_arch_x86_with_options():
 def test_get_arch_unknown_is_value_error(name):
     with pytest.raises(ValueError):
         get_arch(name)
+
+
+# --- the engine's route word, packed natively from the raw MSI ----------------------------------
+@given(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
+       st.booleans())
+def test_native_route_word_is_decode_msi_then_pack(lo, hi, data, x2apic):
+    from kvmirqfast._lapic import x86_msi_route_word
+    from kvmirqfast.irqfd import msi_route_word
+    assert x86_msi_route_word(lo, hi, data, x2apic) == \
+        msi_route_word(decode_msi(lo, hi, data, x2apic_format=x2apic))
