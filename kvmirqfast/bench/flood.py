@@ -273,7 +273,7 @@ def fig_flood(res, cfg, lib, lib_reason, out):
 def fig_pyload(res, cfg, lib, out):
     k = cfg.pyload_k
     out_rows = {}
-    for c in ("kvmirqfast", "pure Python"):
+    for c in ("kvmirqfast", "pure Python") + (("naive C",) if lib is not None else ()):
         idle = flood_once(c, k, cfg.flood_seconds, cfg.flood_warmup, lib)
         loaded = flood_once(c, k, cfg.flood_seconds, cfg.flood_warmup, lib, busy=True)
         frac = loaded["rate"] / idle["rate"] if idle["rate"] else None
@@ -303,6 +303,12 @@ def fig_pyload(res, cfg, lib, out):
     res.row(f"python load K={k}: rate loaded/idle", mine, "frac",
             "kvmirqfast, busy *process*", ctl_frac, "(ref)",
             note="same CPU contention without any GIL: ratio ~1 means the loss is CPU, not GIL")
+    if "naive C" in out_rows:
+        res.row(f"python load K={k}: rate loaded/idle", mine, "frac", "naive C, same busy thread",
+                out_rows["naive C"][2], "(ref)",
+                note="a C consumer beside the same Python thread (no GIL in its way): what the "
+                     "CPUs left to any consumer; the engine's CPU share loaded: "
+                     f"{_fmt_num(out_rows['kvmirqfast'][1]['cpu_share'])}")
     # The same flood paced below capacity: does the engine keep up while Python is busy?
     idle = out_rows["kvmirqfast"][0]
     if lib is not None and idle["rate"]:
