@@ -618,6 +618,9 @@ class TestIrqfdErrors:
                 assert ei.value.errno == errno.EBUSY
             assert a.irqfd_direct_deassign(efd)
             b.irqfd_direct(efd, msi(0, 0x42))
+            with pytest.raises(OSError) as ei:           # now b's: a's deassign left no claim
+                a.irqfd_direct(efd, msi(0, 0x41))
+            assert ei.value.errno == errno.EBUSY
             os.eventfd_write(efd, 1)
             assert wait_until(lambda: cb.pending() == [0x42])
             assert stays(lambda: ca.pending() == [])

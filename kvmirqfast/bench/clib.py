@@ -18,6 +18,7 @@ C_SOURCE = r"""
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -168,7 +169,17 @@ int kb_pp_device(int out_fd, int in_fd, int iters, uint64_t spin_ns, uint64_t bu
     return i;
 }
 
-struct pp_resp { int a, b, iters; uint64_t spin; volatile int *done; };
+struct pp_resp { int a, b, iters, cpu; uint64_t spin; volatile int *done; };
+
+static void pin_self(int cpu)
+{
+    cpu_set_t set;
+    if (cpu < 0)
+        return;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    sched_setaffinity(0, sizeof(set), &set);
+}
 
 static void *pp_responder(void *arg)
 {
@@ -176,6 +187,7 @@ static void *pp_responder(void *arg)
     uint64_t one = 1, v;
     struct epoll_event ev = { .events = EPOLLIN | EPOLLET };
     int ep = -1;
+    pin_self(r->cpu);
     if (r->spin >= 2) {                 /* the engine's syscalls: epoll_wait, then read */
         ep = epoll_create1(EPOLL_CLOEXEC);
         epoll_ctl(ep, EPOLL_CTL_ADD, r->a, &ev);
@@ -211,8 +223,9 @@ static void *pp_responder(void *arg)
 
 /* C ping-pong between two threads: blocking reads (spin = 0), both sides spinning (1),
    blocking with the responder in epoll_wait + read (2: what a harvesting vCPU does), or both
-   spinning with the responder on epoll_wait(0) + read (3: what a halt-polling vCPU does). */
-int kb_pp_c(int iters, int spin, uint64_t budget_ns, uint64_t *samples)
+   spinning with the responder on epoll_wait(0) + read (3: what a halt-polling vCPU does).
+   resp_cpu >= 0 pins the responder there (the caller, the device side, pins itself). */
+int kb_pp_c(int iters, int spin, uint64_t budget_ns, uint64_t *samples, int resp_cpu)
 {
     volatile int done = 0;
     uint64_t big = 1;
@@ -223,6 +236,7 @@ int kb_pp_c(int iters, int spin, uint64_t budget_ns, uint64_t *samples)
     r.b = eventfd(0, flags);
     r.iters = iters;
     r.spin = spin;
+    r.cpu = resp_cpu;
     r.done = &done;
     if (r.a < 0 || r.b < 0)
         return -errno;
@@ -306,7 +320,7 @@ def c_library():
     lib.kb_consume.restype = i32
     lib.kb_pp_device.argtypes = [i32, i32, i32, u64, u64, P(u64), P(i32)]
     lib.kb_pp_device.restype = i32
-    lib.kb_pp_c.argtypes = [i32, i32, u64, P(u64)]
+    lib.kb_pp_c.argtypes = [i32, i32, u64, P(u64), i32]
     lib.kb_pp_c.restype = i32
     lib.kb_write_rr.argtypes = [P(i32), i32, u64]
     lib.kb_write_rr.restype = u64

@@ -14,8 +14,10 @@ from .results import _fmt_ns, _pct, _progress
 # ================================================================================================
 # Figure 3: ping-pong latency
 # ================================================================================================
-def _pp_kvmirqfast(lib, iters, poll_ns, budget_s, engine_poll_ns=None, harvest=True):
-    """Round trips (ns): C device thread -> direct irqfd -> Python vCPU thread -> answer fd."""
+def _pp_kvmirqfast(lib, iters, poll_ns, budget_s, engine_poll_ns=None, harvest=True,
+                   device_cpu=None):
+    """Round trips (ns): C device thread -> direct irqfd -> Python vCPU thread -> answer fd.
+    ``device_cpu`` pins the device thread (the caller's placement is the vCPU's)."""
     spin = poll_ns > 0
     efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     ans = os.eventfd(0, os.EFD_CLOEXEC | (os.EFD_NONBLOCK if spin else 0))
@@ -30,6 +32,8 @@ def _pp_kvmirqfast(lib, iters, poll_ns, budget_s, engine_poll_ns=None, harvest=T
             vm.irqfd_direct(efd, MsiEntry(*msi_address(0), msi_data(0x41)))
 
             def device():
+                if device_cpu is not None:
+                    os.sched_setaffinity(0, {device_cpu})   # this thread only
                 count[0] = lib.kb_pp_device(efd, ans, iters, poll_ns, int(budget_s * 1e9),
                                             samples, ctypes.byref(done))
 
@@ -54,9 +58,12 @@ def _pp_kvmirqfast(lib, iters, poll_ns, budget_s, engine_poll_ns=None, harvest=T
 C_BLOCKING, C_SPINNING, C_EPOLL, C_EPOLL_SPINNING = 0, 1, 2, 3   # kb_pp_c responder modes
 
 
-def _pp_c(lib, iters, mode, budget_s):
+def _pp_c(lib, iters, mode, budget_s, responder_cpu=None):
+    """C round trips (ns); the caller's placement is the device's, ``responder_cpu`` the
+    responder's (None: inherited)."""
     samples = (ctypes.c_uint64 * iters)()
-    n = lib.kb_pp_c(iters, mode, int(budget_s * 1e9), samples)
+    n = lib.kb_pp_c(iters, mode, int(budget_s * 1e9), samples,
+                    -1 if responder_cpu is None else responder_cpu)
     if n < 0:
         raise OSError(-n, os.strerror(-n))
     return list(samples[:n])
@@ -103,6 +110,27 @@ def fig_pingpong(res, cfg, lib, lib_reason, out):
             return run
         plan += [(f"{name}, CPU{one_cpu} only", on_one_cpu(fn)) for name, fn in plan
                  if name in ("kvmirqfast blocking", "C blocking", "C blocking, epoll_wait + read")]
+    # And with the device on one CPU and the vCPU (responder) on the other, for every variant:
+    # unpinned, where the scheduler puts the two threads decides much of the round trip.
+    cpus = [c for c in _placements() if c is not None]
+    apart = (cpus[0], cpus[1]) if len(cpus) >= 2 else None
+    if apart is not None:
+        dev, vcpu = apart
+
+        def ours_apart():
+            with _Pinned(vcpu):
+                return _pp_kvmirqfast(lib, cfg.pp_blocking_iters, 0, cfg.pp_seconds,
+                                      device_cpu=dev)
+
+        def c_apart(mode):
+            def run():
+                with _Pinned(dev):
+                    return _pp_c(lib, cfg.pp_blocking_iters, mode, cfg.pp_seconds,
+                                 responder_cpu=vcpu)
+            return run
+        plan += [("kvmirqfast blocking, apart", ours_apart),
+                 ("C blocking, apart", c_apart(C_BLOCKING)),
+                 ("C blocking, epoll_wait + read, apart", c_apart(C_EPOLL))]
     pooled = {name: [] for name, _ in plan}
     for rnd in range(cfg.pp_rounds):            # interleaved: a shift in the machine hits all
         for name, fn in plan:
@@ -134,6 +162,13 @@ def fig_pingpong(res, cfg, lib, lib_reason, out):
                     base, runs[f"{base}, CPU{one_cpu} only"]["median"], "(ref)",
                     note="device, vCPU and engine threads on one CPU: no cross-CPU wake-ups, "
                          "the work per round trip" if base == "C blocking" else "")
+    if apart is not None:
+        ka = runs["kvmirqfast blocking, apart"]
+        for base in ("C blocking", "C blocking, epoll_wait + read"):
+            res.row(f"ping-pong blocking, device CPU{apart[0]} vCPU CPU{apart[1]}: median",
+                    ka["median"], "ns", base, runs[f"{base}, apart"]["median"], "(ref)",
+                    note="every variant with the same placement: a cross-CPU wake-up per leg"
+                    if base == "C blocking" else "")
     res.row(f"ping-pong poll {cfg.pp_poll_ns // 1000}us: median", kp["median"], "ns",
             "C spinning", cs["median"], "<= 1.25x", check=lambda r: r.ratio <= 1.25,
             note="the polling vCPU harvests the eventfds itself, the engine stands aside; "
