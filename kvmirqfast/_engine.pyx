@@ -44,8 +44,8 @@ import resource
 
 # Not tracked by the cycle collector: a record refers only to immutable values (key, gsi,
 # routing entry) and its resampler, none of which refers back, so it can never be part of a
-# cycle.  Tracked, every assign fed the collector one more long-lived object, and its
-# collections cost ~10 us per assign and ~2.5 us per deassign with thousands assigned.
+# cycle.  Tracked, every assign fed the collector one more long-lived object (~0.4 us of
+# collections per assign/deassign with 16,384 assigned, here).
 @cython.no_gc
 cdef class IrqfdRecord:
     """One irqfd as the engine sees it: its eventfd, its route word, and its state.
