@@ -25,25 +25,30 @@ cdef inline uint64_t priority(int64_t key) noexcept nogil:
     return z ^ (z >> 31)
 
 
-cdef irqfd_t *insert(irqfd_t *t, irqfd_t *n) noexcept nogil:
-    """Insert n below t (n's key is not in t); returns the subtree's new root."""
-    cdef irqfd_t *c
+cdef void split(irqfd_t *t, int64_t key, irqfd_t **below, irqfd_t **above) noexcept nogil:
+    """Cut t into the keys below ``key`` and the keys above it (``key`` is not in t)."""
     if t == NULL:
+        below[0] = above[0] = NULL
+    elif t.index_key < key:
+        split(t.index_right, key, &t.index_right, above)
+        below[0] = t
+    else:
+        split(t.index_left, key, below, &t.index_left)
+        above[0] = t
+
+
+cdef irqfd_t *insert(irqfd_t *t, irqfd_t *n) noexcept nogil:
+    """Insert n into t (n's key is not in t); returns the new root.  n goes where its
+    priority puts it on the search path, and what was there is split around its key."""
+    if t == NULL:
+        return n
+    if priority(n.index_key) > priority(t.index_key):
+        split(t, n.index_key, &n.index_left, &n.index_right)
         return n
     if n.index_key < t.index_key:
         t.index_left = insert(t.index_left, n)
-        if priority(t.index_left.index_key) > priority(t.index_key):   # rotate right
-            c = t.index_left
-            t.index_left = c.index_right
-            c.index_right = t
-            return c
     else:
         t.index_right = insert(t.index_right, n)
-        if priority(t.index_right.index_key) > priority(t.index_key):  # rotate left
-            c = t.index_right
-            t.index_right = c.index_left
-            c.index_left = t
-            return c
     return t
 
 
