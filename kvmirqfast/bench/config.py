@@ -24,6 +24,7 @@ class Config:
         self.flood_seconds = 1.0
         self.flood_warmup = 0.2
         self.flood_rounds = 3            # median of rounds, consumers interleaved
+        self.flood_paced_rate = 200_000  # writes/s of the paced reference run (0: none)
         self.pyload_k = 1024
         self.pp_rounds = 3               # interleaved rounds, samples pooled
         self.pp_blocking_iters = 1500
