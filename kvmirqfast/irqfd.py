@@ -1,4 +1,6 @@
-"""irqfds as the control plane sees them: eventfd identity, the tree index, route words, resamplers.
+"""irqfds as the control plane sees them: eventfd identity, route words, claims, resamplers.
+
+(The index of a VM's irqfds by eventfd identity is native: ``_index.IrqfdIndex``.)
 
 KVM identifies an irqfd by its eventfd (the ``struct eventfd_ctx``), not by the fd number: a
 ``dup()`` of an assigned eventfd is the same eventfd, and since KVM's wait entry became an
@@ -13,7 +15,6 @@ import weakref
 
 from ._engine import IrqfdRecord
 from ._engine import eventfd_info as _eventfd_info
-from ._index import IrqfdIndex  # noqa: F401  (the tree index, native)
 
 # -- route words (the engine's view of a routing entry; layout in _lapic.pxd) ------------------
 ROUTE_NONE = 0

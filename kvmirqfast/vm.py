@@ -21,11 +21,12 @@ import weakref
 
 from . import uapi
 from ._engine import Engine
+from ._index import IrqfdIndex
 from ._lapic import ApicBus, Lapic, x86_msi_route_word
 from .arch import get_arch
 from .irq import KVM_USERSPACE_IRQ_SOURCE_ID, Irqchip
-from .irqfd import (CLAIMS, NO_ROUTE_WORD, ROUTE_MSI, SLOW_ROUTE_WORD, IrqfdIndex, eventfd_info,
-                    eventfd_key, new_record)
+from .irqfd import (CLAIMS, NO_ROUTE_WORD, ROUTE_MSI, SLOW_ROUTE_WORD, eventfd_info, eventfd_key,
+                    new_record)
 from .lifecycle import Closing
 from .routing import GsiRoutingTable, IrqchipEntry, MsiEntry
 from .vcpu import Vcpu
