@@ -88,6 +88,7 @@ cdef class Engine:
     cdef bint started
     cdef bint closed
     cdef int owner_pid          # fork(): a child must not join the parent's thread
+    cdef int created_pid        # fork(): a child must not empty the parent's io_uring slots
     cdef list _free_slots       # free fixed-file slots (control plane, under the Vm lock)
     cdef list _stale_slots      # unpinned slots still holding their eventfd (see Engine.unpin)
     cdef set _pinned            # slots holding a file, cleared before the ring goes to the pool

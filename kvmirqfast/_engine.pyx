@@ -527,6 +527,7 @@ cdef class Engine:
         self.e.kickfd = -1
         self.e.vcpu_harvest = 1
         self.e.ring.fd = -1
+        self.created_pid = getpid()
         self.e.bus = &bus.bus
         pthread_mutex_init(&self.e.dlock, NULL)
         pthread_mutex_init(&self.e.batch_lock, NULL)
@@ -604,8 +605,12 @@ cdef class Engine:
 
     cdef void _release_locked(self) noexcept:
         if self.e.ring.fd >= 0:
-            for slot in self._pinned:            # drop our references to every eventfd
-                kif_ring_set_file(&self.e.ring, slot, -1)
+            # After fork() the io_uring is the parent's too (the child's fd is one more
+            # reference to the same ring): a child only lets go of its fd, or it would empty
+            # the parent's slots under its engine.
+            if getpid() == self.created_pid:
+                for slot in self._pinned:        # drop our references to every eventfd
+                    kif_ring_set_file(&self.e.ring, slot, -1)
             self._pinned = set()
             self._stale_slots = []
             ring_give(&self.e.ring, self.nfiles)

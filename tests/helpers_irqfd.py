@@ -5,6 +5,7 @@ asserts the outcome.
 """
 
 import os
+import re
 import threading
 import time
 
@@ -44,6 +45,19 @@ def fdinfo_count(fd):
             if line.startswith("eventfd-count:"):
                 return int(line.split()[1], 16)
     raise AssertionError(f"fd {fd} is not an eventfd")
+
+
+def ring_files(ring_fd):
+    """Fixed-file slots in use in an io_uring (its fdinfo lists one line per file held)."""
+    with open(f"/proc/self/fdinfo/{ring_fd}") as f:
+        text = f.read()
+    listing = text.split("UserFiles:")[1].splitlines()[1:]
+    held = 0
+    for line in listing:
+        if not re.match(r"\s+\d+: ", line):
+            break
+        held += 1
+    return held
 
 
 def open_fds():

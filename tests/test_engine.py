@@ -6,7 +6,6 @@ call returns; the engine's counters add up.
 """
 
 import os
-import re
 import resource
 import threading
 import time
@@ -15,8 +14,8 @@ import pytest
 
 from kvmirqfast import IrqchipEntry, MsiEntry, Vm, msi_address, msi_data, uapi
 from kvmirqfast._engine import IrqfdRecord
-from helpers_irqfd import (WAIT, clear_irr, fdinfo_count, fds, open_fds, run_thread,  # noqa: F401
-                           stays, wait_until)
+from helpers_irqfd import (WAIT, clear_irr, fdinfo_count, fds, open_fds, ring_files,  # noqa: F401
+                           run_thread, stays, wait_until)
 
 IOAPIC = uapi.KVM_IRQCHIP_IOAPIC
 VECTORS = list(range(0x20, 0x100))          # 224 vectors a guest may use
@@ -422,19 +421,6 @@ def test_deassign_by_dup_after_closing_the_assigned_fd_leaves_no_registration(vm
     assert stays(lambda: vm.stats()["events"] == before, 0.1)
     assert fdinfo_count(keep) == 5
     assert cpu.pending() == []
-
-
-def ring_files(ring_fd):
-    """Fixed-file slots in use in an io_uring (its fdinfo lists one line per file held)."""
-    with open(f"/proc/self/fdinfo/{ring_fd}") as f:
-        text = f.read()
-    listing = text.split("UserFiles:")[1].splitlines()[1:]
-    held = 0
-    for line in listing:
-        if not re.match(r"\s+\d+: ", line):
-            break
-        held += 1
-    return held
 
 
 def test_deassign_gives_eventfd_references_back_in_bounded_batches(vm, fds):

@@ -22,6 +22,7 @@ from kvmirqfast import IrqchipEntry, MsiEntry, Vm, msi_address, msi_data
 from kvmirqfast import irqfd as irqfd_mod
 from kvmirqfast.irqfd import CLAIMS
 from kvmirqfast.testing import wait_for
+from helpers_irqfd import ring_files
 
 WAIT = 2.0
 
@@ -587,6 +588,32 @@ def test_fork_child_use_of_a_busy_parent_vm_raises_not_hangs(efds):
         finally:
             release.set()
             t.join(5)
+
+
+def test_fork_child_freeing_an_engine_leaves_the_parents_eventfd_references(efds):
+    # The child's io_uring fd is one more reference to the parent's ring: an engine freed in
+    # the child must not empty the parent's fixed-file slots (the parent's engine would then
+    # read nothing, silently).
+    from kvmirqfast._engine import Engine, IrqfdRecord
+    from kvmirqfast._lapic import ApicBus
+    eng = Engine(ApicBus())
+    if not eng.uses_ring:
+        pytest.skip(f"io_uring unavailable: {eng.ring_error}")
+    a = efds()
+    eng.pin(IrqfdRecord(a, 1), a)
+    ring = eng.ring_fd
+    holder = [eng]
+    del eng
+
+    def child():
+        holder.clear()                                  # the child's last reference
+        gc.collect()
+        return "freed"
+    try:
+        assert _in_child(child) == "freed"
+        assert ring_files(ring) == 1
+    finally:
+        holder[0].close()
 
 
 def test_close_with_records_on_the_deferred_list_does_not_crash():
