@@ -598,6 +598,12 @@ cdef class Engine:
         self.started = False
 
     cdef void _release(self) noexcept:
+        if getpid() != self.created_pid:
+            # A fork()ed child: the parent's engine thread may have held batch_lock at the
+            # fork, and no thread of this process will ever release the copy.  Nothing here
+            # runs a batch, so there is nothing to exclude.
+            self._release_locked()
+            return
         with nogil:
             pthread_mutex_lock(&self.e.batch_lock)
         self._release_locked()

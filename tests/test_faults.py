@@ -616,6 +616,44 @@ def test_fork_child_freeing_an_engine_leaves_the_parents_eventfd_references(efds
         holder[0].close()
 
 
+def test_fork_child_freeing_a_flooded_engine_does_not_hang(efds):
+    # The parent's engine thread holds batch_lock while it runs a batch; a child forked then
+    # has a copy of the lock that nobody will release.  Freeing the engine there must not wait
+    # for it.  Under a flood a good share of forks land inside a batch.
+    from kvmirqfast._engine import Engine, IrqfdRecord
+    from kvmirqfast._lapic import ApicBus, x86_msi_route_word
+    eng = Engine(ApicBus())
+    fds = [efds() for _ in range(32)]
+    for i, fd in enumerate(fds):
+        r = IrqfdRecord(fd, i)
+        eng.set_route(r, x86_msi_route_word(0xFEE00000, 0, 0x41))
+        eng.pin(r, fd)
+        eng.register(r)
+    eng.start()
+    stop = threading.Event()
+
+    def writer():
+        while not stop.is_set():
+            for fd in fds:
+                os.eventfd_write(fd, 1)
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    holder = [eng]
+    del eng
+
+    def child():
+        holder.clear()
+        gc.collect()
+        return "freed"
+    try:
+        for _ in range(12):
+            assert _in_child(child, timeout=3) == "freed"
+    finally:
+        stop.set()
+        t.join(5)
+        holder[0].close()
+
+
 def test_close_with_records_on_the_deferred_list_does_not_crash():
     assert _in_child(_close_with_deferred_body, timeout=10) == "ok"
 
