@@ -446,6 +446,33 @@ def test_deassign_gives_eventfd_references_back_in_bounded_batches(vm, fds):
     assert ring_files(ring) == 0                     # the ring went back to the pool empty
 
 
+def test_references_given_back_in_random_order_are_released_in_runs(vm, fds):
+    # Deassigned in shuffled order, the waiting slots are scattered: each flush releases them in
+    # runs of consecutive slots, and the ring holds exactly the assigned + the waiting ones.
+    import random
+    eng = vm._engine
+    if not eng.uses_ring:
+        pytest.skip(f"io_uring unavailable: {eng.ring_error}")
+    cpu = vm.create_vcpu(0)
+    evs = [fds.eventfd() for _ in range(300)]
+    for e in evs:
+        vm.irqfd_direct(e, msi(0, 0x41))
+    order = evs[:]
+    random.Random(3).shuffle(order)
+    gone = order[:250]
+    for i, e in enumerate(gone, 1):
+        vm.irqfd_direct_deassign(e)
+        assert eng.stale_slots == i % 64
+        assert ring_files(eng.ring_fd) == 300 - i + eng.stale_slots
+    for e in order[250:]:                            # the rest still deliver, each once
+        os.eventfd_write(e, 1)
+        assert cpu.wait_interrupt(timeout=WAIT) and cpu.ack() == 0x41
+        cpu.eoi()
+    for e in gone:
+        os.eventfd_write(e, 1)
+    assert stays(lambda: cpu.pending() == [], 0.1)
+
+
 def test_a_reused_slot_reads_only_its_new_eventfd(vm, fds):
     cpu = vm.create_vcpu(0)
     a, b = fds.eventfd(), fds.eventfd()
