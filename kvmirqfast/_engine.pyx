@@ -135,14 +135,17 @@ cdef inline void defer_inject(engine_t *e, irqfd_t *irqfd) noexcept nogil:
     pthread_mutex_unlock(&e.dlock)
 
 
-cdef inline bint consume(int fd) noexcept nogil:
-    # eventfd_ctx_do_read(): take the counter.  RWF_NOWAIT because the user's eventfd may be
-    # blocking and someone else may have read it first; we must never block here.
-    cdef uint64_t count
+cdef inline uint64_t consume(int fd) noexcept nogil:
+    # eventfd_ctx_do_read(): take the counter; 0 if there was none.  RWF_NOWAIT because the
+    # user's eventfd may be blocking and someone else may have read it first; we must never
+    # block here.
+    cdef uint64_t count = 0
     cdef iovec iov
     iov.iov_base = &count
     iov.iov_len = 8
-    return preadv2(fd, &iov, 1, -1, RWF_NOWAIT) == 8
+    if preadv2(fd, &iov, 1, -1, RWF_NOWAIT) != 8:
+        return 0
+    return count
 
 
 cdef inline void irqfd_inject(engine_t *e, irqfd_t *irqfd, uint64_t route,
@@ -264,9 +267,9 @@ cdef inline bint stand_aside(engine_t *e) noexcept nogil:
     cdef uint64_t nap
     if not pollers and (now >= lease or kif_load32(&e.sleepers)):
         return False
-    nap = lease - now if lease > now else 1000000
-    if nap > 1000000:
-        nap = 1000000
+    nap = lease - now if lease > now else HARVEST_LEASE_NS
+    if nap > HARVEST_LEASE_NS:
+        nap = HARVEST_LEASE_NS
     if (lease <= now and kif_load32(&e.harvester)
             and now - kif_load64(&e.harvest_since) >= IDLE_HARVEST_NS):
         # An idle VM: sleep until the harvester leaves; it wakes us if it sees aside_long, and
@@ -435,7 +438,7 @@ cdef bint engine_halt(engine_t *e, lapic_t *l, int64_t timeout_ns, uint64_t poll
         if timeout_ns >= 0:
             left = timeout_ns - <int64_t>(kif_now_ns() - start)
     if got or (timeout_ns >= 0 and left <= 0):
-        leave_harvest(e, got, poll_ns if poll_ns < 1000000 else 1000000)
+        leave_harvest(e, got, poll_ns if poll_ns < HARVEST_LEASE_NS else HARVEST_LEASE_NS)
     elif kif_load32(&e.vcpu_harvest) and kif_cas32(&e.harvester, 0, 1):
         kif_store64(&e.harvest_since, kif_now_ns())
         got = sleep_harvest(e, l, left, st)
@@ -487,17 +490,6 @@ cdef void ring_give(kif_ring *ring, unsigned nfiles) noexcept:
 cdef int _pool_pid = getpid()
 
 
-cdef uint64_t consume_counter(int fd) noexcept nogil:
-    """Read (and so reset) an eventfd counter through ``fd`` without blocking; 0 if none."""
-    cdef uint64_t count = 0
-    cdef iovec iov
-    iov.iov_base = &count
-    iov.iov_len = 8
-    if preadv2(fd, &iov, 1, -1, RWF_NOWAIT) != 8:
-        return 0
-    return count
-
-
 cdef uint64_t drain_counter(IrqfdRecord r, int fd) noexcept:
     """Engine.drain: the writes pending on r's eventfd through ``fd``, taken; 0 if none."""
     cdef uint32_t flags = kif_load32(&r.rec.flags)
@@ -505,7 +497,7 @@ cdef uint64_t drain_counter(IrqfdRecord r, int fd) noexcept:
         if kif_eventfd_count(fd) <= <int64_t>r.rec.assign_count:
             return 0
         kif_and32(&r.rec.flags, ~(<uint32_t>(IRQFD_PENDING_AT_ASSIGN | IRQFD_UNCONSUMED)))
-    return consume_counter(fd)                  # non-blocking: not worth a GIL hand-off
+    return consume(fd)                          # non-blocking: not worth a GIL hand-off
 
 
 cdef class Engine:
@@ -820,13 +812,6 @@ cdef class Engine:
     def set_route(self, IrqfdRecord r not None, uint64_t route):
         """Replace a record's route word (one atomic store; call synchronize() afterwards)."""
         kif_store64(&r.rec.route, route)
-
-    def consume(self, int fd):
-        """Read (and so reset) the eventfd counter through ``fd`` without blocking; 0 if none.
-
-        The control plane uses it to drain an irqfd at retarget and deassign (see Vm._drain).
-        """
-        return consume_counter(fd)
 
     def drain(self, IrqfdRecord r not None, int fd):
         """Take the writes pending on r's eventfd through ``fd``; the count taken (0: none).

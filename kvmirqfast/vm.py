@@ -478,8 +478,7 @@ class Vm(Closing):
         CLAIMS.release_own(r.key, self)
         if r.inject_pending:
             self._graveyard.add(r)              # the worker drops it when it pops it
-        if r.resampler is not None:
-            self._irq.drop_resampler(r)
+        self._irq.drop_resampler(r)
 
     def _unregister_elsewhere(self, r, fd):
         # ``fd`` refers to r's eventfd under another number than r's registration.  epoll can
