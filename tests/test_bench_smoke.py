@@ -26,8 +26,11 @@ def test_every_figure_has_rows(result):
                    "memory: RSS growth/irqfd"):
         assert _rows(result, prefix), prefix
     if have_c:
-        for prefix in ("ping-pong blocking: median", "ping-pong poll", "eventfd write K=1"):
+        for prefix in ("ping-pong blocking: median", "ping-pong poll", "eventfd write K=1",
+                       "ping-pong work, one thread"):
             assert _rows(result, prefix), prefix
+        assert {r.baseline for r in _rows(result, "ping-pong work, one thread")} == {
+            "C read", "C epoll_wait(0) + read", "pure Python epoll.poll(0) + read"}
         assert {r.baseline for r in _rows(result, "flood K=16: CPU/delivery")} >= {
             "naive C", "pure Python", "asyncio"}
 

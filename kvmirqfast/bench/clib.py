@@ -249,6 +249,30 @@ int kb_pp_c(int iters, int spin, uint64_t budget_ns, uint64_t *samples, int resp
     return n;
 }
 
+/* The work of a ping-pong round trip without its wake-ups: one thread makes both sides'
+   system calls (write a; [epoll_wait(0) on a;] read a; write b; read b).  ns per round trip,
+   or -errno. */
+int64_t kb_pp_work(int iters, int use_epoll)
+{
+    uint64_t one = 1, v, t0;
+    struct epoll_event ev = { .events = EPOLLIN };
+    int a = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK), b = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    int ep = epoll_create1(EPOLL_CLOEXEC), i, err = 0;
+    if (a < 0 || b < 0 || ep < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, a, &ev) < 0)
+        err = -errno;
+    t0 = now_ns();
+    for (i = 0; i < iters && !err; i++) {
+        if (write(a, &one, 8) != 8 || (use_epoll && epoll_wait(ep, &ev, 1, 0) != 1)
+            || read(a, &v, 8) != 8 || write(b, &one, 8) != 8 || read(b, &v, 8) != 8)
+            err = -EIO;
+    }
+    t0 = now_ns() - t0;
+    close(a);
+    close(b);
+    close(ep);
+    return err ? err : (int64_t)(t0 / (uint64_t)iters);
+}
+
 /* ns for `iters` eventfd writes round-robin over fds[0..k). */
 uint64_t kb_write_rr(const int *fds, int k, uint64_t iters)
 {
@@ -322,6 +346,8 @@ def c_library():
     lib.kb_pp_device.restype = i32
     lib.kb_pp_c.argtypes = [i32, i32, u64, P(u64), i32]
     lib.kb_pp_c.restype = i32
+    lib.kb_pp_work.argtypes = [i32, i32]
+    lib.kb_pp_work.restype = ctypes.c_int64
     lib.kb_write_rr.argtypes = [P(i32), i32, u64]
     lib.kb_write_rr.restype = u64
     lib.kb_irqfd_loop.argtypes = [i32, ctypes.c_ulong, P(i32), i32, ctypes.c_uint32,

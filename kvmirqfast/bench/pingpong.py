@@ -2,7 +2,9 @@
 
 import ctypes
 import os
+import select
 import threading
+import time
 
 from ..arch.x86 import msi_address, msi_data
 from ..routing import MsiEntry
@@ -55,6 +57,63 @@ def _pp_kvmirqfast(lib, iters, poll_ns, budget_s, engine_poll_ns=None, harvest=T
         os.close(efd)
         os.close(ans)
     return list(samples[:count[0]])
+
+
+def _pp_work_kvmirqfast(iters):
+    """ns per round trip with no wake-up: one thread writes the irqfd's eventfd, takes the
+    interrupt (wait_interrupt harvests it: epoll_wait, the counter read, the LAPIC), acks, EOIs,
+    writes the answer and reads it back, as the device would."""
+    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    ans = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        with Vm(irqchip=True) as vm:
+            vm.vcpu_harvest = True
+            cpu = vm.create_vcpu(0)
+            vm.irqfd_direct(efd, MsiEntry(*msi_address(0), msi_data(0x41)))
+            wait, ack, eoi = cpu.wait_interrupt, cpu.ack, cpu.eoi
+            write, read = os.eventfd_write, os.eventfd_read
+            t0 = time.perf_counter_ns()
+            for _ in range(iters):
+                write(efd, 1)
+                if not wait(1.0, 0):
+                    raise RuntimeError("ping-pong work: the interrupt did not arrive")
+                ack()
+                eoi()
+                write(ans, 1)
+                read(ans)
+            return (time.perf_counter_ns() - t0) / iters
+    finally:
+        os.close(efd)
+        os.close(ans)
+
+
+def _pp_work_python(iters):
+    """The same without an engine, in pure Python: epoll.poll(0) and a read for the vCPU side."""
+    a = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    b = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    ep = select.epoll()
+    try:
+        ep.register(a, select.EPOLLIN)
+        poll, write, read = ep.poll, os.eventfd_write, os.eventfd_read
+        t0 = time.perf_counter_ns()
+        for _ in range(iters):
+            write(a, 1)
+            if poll(0):
+                read(a)
+            write(b, 1)
+            read(b)
+        return (time.perf_counter_ns() - t0) / iters
+    finally:
+        ep.close()
+        os.close(a)
+        os.close(b)
+
+
+def _pp_work_c(lib, iters, use_epoll):
+    ns = lib.kb_pp_work(iters, 1 if use_epoll else 0)
+    if ns < 0:
+        raise OSError(-ns, os.strerror(-ns))
+    return float(ns)
 
 
 C_BLOCKING, C_SPINNING, C_EPOLL, C_EPOLL_SPINNING = 0, 1, 2, 3   # kb_pp_c responder modes
@@ -144,6 +203,21 @@ def fig_pingpong(res, cfg, lib, lib_reason, out):
                        f"p99 {_fmt_ns(runs[name]['p99'])} ({runs[name]['n']} round trips)")
         res.measure(f"pingpong[{name}]", "pingpong", [x / 1e9 for x in samples],
                     params={"mode": name}, unit="s per round trip", p99_ns=runs[name]["p99"])
+    # The work per round trip with no wake-up at all (one thread makes both sides' calls): what
+    # is left of the blocking gap once no thread sleeps.  Median of interleaved rounds.
+    work = {"kvmirqfast": [], "C read": [], "C epoll_wait(0) + read": [],
+            "pure Python epoll.poll(0) + read": []}
+    for rnd in range(max(3, cfg.pp_rounds)):
+        work["kvmirqfast"].append(_pp_work_kvmirqfast(cfg.pp_spin_iters))
+        work["C read"].append(_pp_work_c(lib, cfg.pp_spin_iters, False))
+        work["C epoll_wait(0) + read"].append(_pp_work_c(lib, cfg.pp_spin_iters, True))
+        work["pure Python epoll.poll(0) + read"].append(_pp_work_python(cfg.pp_spin_iters))
+    work_med = {name: sorted(v)[len(v) // 2] for name, v in work.items()}
+    for name, v in work.items():
+        _progress(out, f"ping-pong work, one thread, {name}: {_fmt_ns(work_med[name])} "
+                       "per round trip")
+        res.measure(f"pingpong_work[{name}]", "pingpong", [x / 1e9 for x in v],
+                    params={"mode": name}, unit="s per round trip, one thread")
     kb, cb = runs["kvmirqfast blocking"], runs["C blocking"]
     kp, cs = runs[f"kvmirqfast poll {cfg.pp_poll_ns // 1000}us"], runs["C spinning"]
     res.row("ping-pong blocking: median", kb["median"], "ns", "C blocking", cb["median"],
@@ -171,6 +245,12 @@ def fig_pingpong(res, cfg, lib, lib_reason, out):
                     ka["median"], "ns", base, runs[f"{base}, apart"]["median"], "(ref)",
                     note="every variant with the same placement: a cross-CPU wake-up per leg"
                     if base == "C blocking" else "")
+    for base in ("C read", "C epoll_wait(0) + read", "pure Python epoll.poll(0) + read"):
+        res.row("ping-pong work, one thread, no wake-up", work_med["kvmirqfast"], "ns", base,
+                work_med[base], "(ref)",
+                note="each side's system calls and code, no thread sleeps: the engine's part "
+                     "(io_uring read, LAPIC, bookkeeping) and the Python vCPU loop's"
+                if base == "C read" else "")
     res.row(f"ping-pong poll {cfg.pp_poll_ns // 1000}us: median", kp["median"], "ns",
             "C spinning", cs["median"], "<= 1.25x", check=lambda r: r.ratio <= 1.25,
             note="the polling vCPU harvests the eventfds itself, the engine stands aside; "
