@@ -107,3 +107,27 @@ def test_plot_is_written(result, tmp_path):
     path = tmp_path / "bench.png"
     write_plot(result, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pingpong_vcpu_failure_is_raised_not_hung(monkeypatch):
+    """A vCPU loop that fails releases the C device thread and its error reaches the caller
+    (the device would otherwise block in read() for an answer that never comes)."""
+    lib, reason = bench.c_library()
+    if lib is None:
+        pytest.skip(reason)
+    from kvmirqfast.bench import pingpong
+
+    class FaultyVm(pingpong.Vm):
+        def create_vcpu(self, vcpu_id):
+            cpu = super().create_vcpu(vcpu_id)
+
+            class Faulty:
+                wait_interrupt, eoi = cpu.wait_interrupt, cpu.eoi
+
+                def ack(self):
+                    raise RuntimeError("guest fault")
+            return Faulty()
+
+    monkeypatch.setattr(pingpong, "Vm", FaultyVm)
+    with pytest.raises(RuntimeError, match="guest fault"):
+        pingpong._pp_kvmirqfast(lib, 1000, 0, 30.0)

@@ -31,6 +31,7 @@ class Config:
         self.pp_spin_iters = 8000
         self.pp_seconds = 2.0            # time cap per ping-pong run
         self.pp_poll_ns = 200_000
+        self.pp_settle_s = 0.2           # rest before each ping-pong run (see fig_pingpong)
         self.retarget_n = 4096
         self.retarget_direct_reps = 400
         self.retarget_table_reps = 7
@@ -63,7 +64,8 @@ class Config:
         """The smallest run that still exercises every code path (the smoke test)."""
         return cls(name="tiny", flood_ks=(16, 64), flood_seconds=0.1, flood_warmup=0.03,
                    flood_rounds=1, pyload_k=64, pp_rounds=1, pp_blocking_iters=100,
-                   pp_spin_iters=300, pp_seconds=0.2, retarget_n=256, retarget_direct_reps=20,
+                   pp_spin_iters=300, pp_seconds=0.2, pp_settle_s=0.01, retarget_n=256,
+                   retarget_direct_reps=20,
                    retarget_table_reps=1, retarget_kvm_reps=3, assign_ns=(16, 128),
                    assign_min_ops=64, kvm_assign_ns=(16,), kvm_pinned_n=16, memory_n=256,
                    kernel_ks=(1,), kernel_writes=5000)

@@ -17,15 +17,18 @@ from .results import _fmt_ns, _pct, _progress
 # Figure 3: ping-pong latency
 # ================================================================================================
 def _pp_kvmirqfast(lib, iters, poll_ns, budget_s, engine_poll_ns=None, harvest=True,
-                   device_cpu=None):
-    """Round trips (ns): C device thread -> direct irqfd -> Python vCPU thread -> answer fd.
-    ``device_cpu`` pins the device thread (the caller's placement is the vCPU's)."""
+                   vcpu_cpu=None):
+    """Round trips (ns): C device -> direct irqfd -> Python vCPU thread -> answer eventfd.
+
+    Shaped as the C ping-pong (kb_pp_c): the calling thread is the device, a new thread the
+    vCPU (the responder), so the two threads start as C's do.  ``vcpu_cpu`` pins the vCPU
+    thread (the caller's placement is the device's)."""
     spin = poll_ns > 0
     efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     ans = os.eventfd(0, os.EFD_CLOEXEC | (os.EFD_NONBLOCK if spin else 0))
     samples = (ctypes.c_uint64 * iters)()
     done = ctypes.c_int(0)
-    count = [0]
+    errors = []
     try:
         engine_poll = poll_ns if engine_poll_ns is None else engine_poll_ns
         with Vm(irqchip=True, poll_ns=engine_poll) as vm:
@@ -33,30 +36,36 @@ def _pp_kvmirqfast(lib, iters, poll_ns, budget_s, engine_poll_ns=None, harvest=T
             cpu = vm.create_vcpu(0)
             vm.irqfd_direct(efd, MsiEntry(*msi_address(0), msi_data(0x41)))
 
-            def device():
-                if device_cpu is not None:
-                    os.sched_setaffinity(0, {device_cpu})   # this thread only
-                count[0] = lib.kb_pp_device(efd, ans, iters, poll_ns, int(budget_s * 1e9),
-                                            samples, ctypes.byref(done))
+            def vcpu_loop():
+                try:
+                    if vcpu_cpu is not None:
+                        os.sched_setaffinity(0, {vcpu_cpu})   # this thread only
+                    # As a Python VMM writes its hot loop: methods bound once.
+                    wait, ack, eoi, answer = cpu.wait_interrupt, cpu.ack, cpu.eoi, os.eventfd_write
+                    while not done.value:
+                        if wait(0.1, poll_ns):
+                            ack()
+                            eoi()
+                            answer(ans, 1)
+                except BaseException as exc:     # noqa: BLE001 -- reported by the caller
+                    errors.append(exc)
+                    done.value = 1
+                    os.eventfd_write(ans, 1)     # release the device from its read()
 
-            dev = threading.Thread(target=device, name="bench-device", daemon=True)
-            dev.start()
-            # The vCPU loop as a Python VMM would write its hot loop: methods bound once.
-            wait, ack, eoi, answer = cpu.wait_interrupt, cpu.ack, cpu.eoi, os.eventfd_write
+            vcpu = threading.Thread(target=vcpu_loop, name="bench-vcpu", daemon=True)
+            vcpu.start()
             try:
-                while not done.value:
-                    if wait(0.1, poll_ns):
-                        ack()
-                        eoi()
-                        answer(ans, 1)
+                n = lib.kb_pp_device(efd, ans, iters, poll_ns, int(budget_s * 1e9), samples,
+                                     ctypes.byref(done))
             finally:
-                while dev.is_alive():            # never leave the device blocked in read()
-                    os.eventfd_write(ans, 1)
-                    dev.join(0.01)
+                done.value = 1
+                vcpu.join()
+            if errors:
+                raise errors[0]
     finally:
         os.close(efd)
         os.close(ans)
-    return list(samples[:count[0]])
+    return list(samples[:n])
 
 
 def _pp_work_kvmirqfast(iters):
@@ -179,9 +188,9 @@ def fig_pingpong(res, cfg, lib, lib_reason, out):
         dev, vcpu = apart
 
         def ours_apart():
-            with _Pinned(vcpu):
+            with _Pinned(dev):
                 return _pp_kvmirqfast(lib, cfg.pp_blocking_iters, 0, cfg.pp_seconds,
-                                      device_cpu=dev)
+                                      vcpu_cpu=vcpu)
 
         def c_apart(mode):
             def run():
@@ -195,6 +204,12 @@ def fig_pingpong(res, cfg, lib, lib_reason, out):
     pooled = {name: [] for name, _ in plan}
     for rnd in range(cfg.pp_rounds):            # interleaved: a shift in the machine hits all
         for name, fn in plan:
+            # Each run starts from rest.  This kernel's scheduler puts a woken thread on its
+            # waker's CPU only while the waker's recent CPU use is low, and the two threads then
+            # stay where the first wake-ups put them: C's blocking ping-pong right after a busy
+            # second ran on two CPUs 10 times in 10 (~70 us), after 0.2 s of rest on one CPU 10
+            # times in 10 (~2 us).  Without the rest, whatever ran before would pick the row.
+            time.sleep(cfg.pp_settle_s)
             pooled[name] += _drop_warmup(fn())
     for name, _ in plan:
         samples = pooled[name]
