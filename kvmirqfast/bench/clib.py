@@ -43,6 +43,13 @@ static inline void relax(void)
 #endif
 }
 
+static void nap_ns(uint64_t ns)
+{
+    struct timespec ts = { (time_t)(ns / 1000000000ull), (long)(ns % 1000000000ull) };
+    if (ns)
+        nanosleep(&ts, NULL);
+}
+
 /* Producer: write 1 to fds[0..k) round-robin until *stop.  rate > 0 paces it (events/s). */
 uint64_t kb_produce(const int *fds, int k, volatile int *stop, double rate,
                     volatile uint64_t *count)
@@ -169,7 +176,7 @@ int kb_pp_device(int out_fd, int in_fd, int iters, uint64_t spin_ns, uint64_t bu
     return i;
 }
 
-struct pp_resp { int a, b, iters, cpu; uint64_t spin; volatile int *done; };
+struct pp_resp { int a, b, iters, cpu; uint64_t spin; volatile int *done; volatile int ready; };
 
 static void pin_self(int cpu)
 {
@@ -192,6 +199,7 @@ static void *pp_responder(void *arg)
         ep = epoll_create1(EPOLL_CLOEXEC);
         epoll_ctl(ep, EPOLL_CTL_ADD, r->a, &ev);
     }
+    __atomic_store_n(&r->ready, 1, __ATOMIC_RELEASE);
     for (;;) {
         if (r->spin >= 2) {             /* 2: blocking epoll_wait; 3: spinning epoll_wait(0) */
             if (epoll_wait(ep, &ev, 1, r->spin == 2 ? -1 : 0) < 1 || read(r->a, &v, 8) != 8) {
@@ -224,8 +232,10 @@ static void *pp_responder(void *arg)
 /* C ping-pong between two threads: blocking reads (spin = 0), both sides spinning (1),
    blocking with the responder in epoll_wait + read (2: what a harvesting vCPU does), or both
    spinning with the responder on epoll_wait(0) + read (3: what a halt-polling vCPU does).
-   resp_cpu >= 0 pins the responder there (the caller, the device side, pins itself). */
-int kb_pp_c(int iters, int spin, uint64_t budget_ns, uint64_t *samples, int resp_cpu)
+   resp_cpu >= 0 pins the responder there (the caller, the device side, pins itself).  Once
+   the responder is about to wait, the device rests settle_ns before the first write. */
+int kb_pp_c(int iters, int spin, uint64_t budget_ns, uint64_t *samples, int resp_cpu,
+            uint64_t settle_ns)
 {
     volatile int done = 0;
     uint64_t big = 1;
@@ -240,7 +250,12 @@ int kb_pp_c(int iters, int spin, uint64_t budget_ns, uint64_t *samples, int resp
     r.done = &done;
     if (r.a < 0 || r.b < 0)
         return -errno;
-    pthread_create(&t, NULL, pp_responder, &r);
+    r.ready = 0;
+    if (pthread_create(&t, NULL, pp_responder, &r) != 0)
+        return -EAGAIN;
+    while (!__atomic_load_n(&r.ready, __ATOMIC_ACQUIRE))
+        nap_ns(1000000);
+    nap_ns(settle_ns);
     n = kb_pp_device(r.a, r.b, iters, spin & 1 ? ~0ull : 0, budget_ns, samples, &done);
     write(r.a, &big, 8);              /* release a responder blocked in read() */
     pthread_join(t, NULL);
@@ -344,7 +359,7 @@ def c_library():
     lib.kb_consume.restype = i32
     lib.kb_pp_device.argtypes = [i32, i32, i32, u64, u64, P(u64), P(i32)]
     lib.kb_pp_device.restype = i32
-    lib.kb_pp_c.argtypes = [i32, i32, u64, P(u64), i32]
+    lib.kb_pp_c.argtypes = [i32, i32, u64, P(u64), i32, u64]
     lib.kb_pp_c.restype = i32
     lib.kb_pp_work.argtypes = [i32, i32]
     lib.kb_pp_work.restype = ctypes.c_int64

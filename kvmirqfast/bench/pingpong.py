@@ -1,6 +1,7 @@
 """Figure 3: device -> vCPU -> device round-trip latency, blocking and halt-polling."""
 
 import ctypes
+import functools
 import os
 import select
 import threading
@@ -17,12 +18,13 @@ from .results import _fmt_ns, _pct, _progress
 # Figure 3: ping-pong latency
 # ================================================================================================
 def _pp_kvmirqfast(lib, iters, poll_ns, budget_s, engine_poll_ns=None, harvest=True,
-                   vcpu_cpu=None):
+                   vcpu_cpu=None, settle_s=0.0):
     """Round trips (ns): C device -> direct irqfd -> Python vCPU thread -> answer eventfd.
 
     Shaped as the C ping-pong (kb_pp_c): the calling thread is the device, a new thread the
-    vCPU (the responder), so the two threads start as C's do.  ``vcpu_cpu`` pins the vCPU
-    thread (the caller's placement is the device's)."""
+    vCPU (the responder); once the vCPU is halted the device rests ``settle_s`` (see
+    fig_pingpong), then writes.  ``vcpu_cpu`` pins the vCPU thread (the caller's placement is
+    the device's)."""
     spin = poll_ns > 0
     efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     ans = os.eventfd(0, os.EFD_CLOEXEC | (os.EFD_NONBLOCK if spin else 0))
@@ -55,6 +57,10 @@ def _pp_kvmirqfast(lib, iters, poll_ns, budget_s, engine_poll_ns=None, harvest=T
             vcpu = threading.Thread(target=vcpu_loop, name="bench-vcpu", daemon=True)
             vcpu.start()
             try:
+                deadline = time.monotonic() + 5.0
+                while not (vm._engine.halted() or errors) and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                time.sleep(settle_s)
                 n = lib.kb_pp_device(efd, ans, iters, poll_ns, int(budget_s * 1e9), samples,
                                      ctypes.byref(done))
             finally:
@@ -128,12 +134,12 @@ def _pp_work_c(lib, iters, use_epoll):
 C_BLOCKING, C_SPINNING, C_EPOLL, C_EPOLL_SPINNING = 0, 1, 2, 3   # kb_pp_c responder modes
 
 
-def _pp_c(lib, iters, mode, budget_s, responder_cpu=None):
+def _pp_c(lib, iters, mode, budget_s, responder_cpu=None, settle_s=0.0):
     """C round trips (ns); the caller's placement is the device's, ``responder_cpu`` the
-    responder's (None: inherited)."""
+    responder's (None: inherited).  The device rests ``settle_s`` once the responder waits."""
     samples = (ctypes.c_uint64 * iters)()
     n = lib.kb_pp_c(iters, mode, int(budget_s * 1e9), samples,
-                    -1 if responder_cpu is None else responder_cpu)
+                    -1 if responder_cpu is None else responder_cpu, int(settle_s * 1e9))
     if n < 0:
         raise OSError(-n, os.strerror(-n))
     return list(samples[:n])
@@ -153,22 +159,25 @@ def fig_pingpong(res, cfg, lib, lib_reason, out):
         res.note(f"ping-pong: {lib_reason}; skipped (the device side is C)")
         return
     runs = {}
-    plan = [("kvmirqfast blocking", lambda: _pp_kvmirqfast(lib, cfg.pp_blocking_iters, 0,
-                                                           cfg.pp_seconds)),
-            ("C blocking", lambda: _pp_c(lib, cfg.pp_blocking_iters, C_BLOCKING, cfg.pp_seconds)),
-            ("C blocking, epoll_wait + read", lambda: _pp_c(lib, cfg.pp_blocking_iters, C_EPOLL,
-                                                            cfg.pp_seconds)),
-            ("kvmirqfast blocking, engine delivers",
-             lambda: _pp_kvmirqfast(lib, cfg.pp_blocking_iters, 0, cfg.pp_seconds,
-                                    harvest=False)),
-            (f"kvmirqfast poll {cfg.pp_poll_ns // 1000}us",
-             lambda: _pp_kvmirqfast(lib, cfg.pp_spin_iters, cfg.pp_poll_ns, cfg.pp_seconds)),
-            ("C spinning", lambda: _pp_c(lib, cfg.pp_spin_iters, C_SPINNING, cfg.pp_seconds)),
-            ("C spinning, epoll_wait(0) + read",
-             lambda: _pp_c(lib, cfg.pp_spin_iters, C_EPOLL_SPINNING, cfg.pp_seconds)),
-            (f"kvmirqfast vCPU poll {cfg.pp_poll_ns // 1000}us, engine blocking",
-             lambda: _pp_kvmirqfast(lib, cfg.pp_spin_iters, cfg.pp_poll_ns, cfg.pp_seconds,
-                                    engine_poll_ns=0))]
+    # Each run starts from rest: once the responder (vCPU) waits, the device thread sleeps
+    # pp_settle_s before its first write.  This kernel's scheduler puts a woken thread on its
+    # waker's CPU only while the waker's recent CPU use is low, and the two threads then stay
+    # where the first wake-ups put them: C's blocking ping-pong right after a busy second ran
+    # on two CPUs 10 times in 10 (~70 us a round trip), after 0.2 s of rest on one CPU 10 in
+    # 10 (~2 us); ours, started right after its own setup, 1 in 3 runs on two CPUs.  Without
+    # the rest, whatever ran just before would pick the placement, and with it the row.
+    pp = functools.partial(_pp_kvmirqfast, lib, settle_s=cfg.pp_settle_s)
+    pc = functools.partial(_pp_c, lib, settle_s=cfg.pp_settle_s)
+    blk, spn, secs, poll = cfg.pp_blocking_iters, cfg.pp_spin_iters, cfg.pp_seconds, cfg.pp_poll_ns
+    plan = [("kvmirqfast blocking", lambda: pp(blk, 0, secs)),
+            ("C blocking", lambda: pc(blk, C_BLOCKING, secs)),
+            ("C blocking, epoll_wait + read", lambda: pc(blk, C_EPOLL, secs)),
+            ("kvmirqfast blocking, engine delivers", lambda: pp(blk, 0, secs, harvest=False)),
+            (f"kvmirqfast poll {poll // 1000}us", lambda: pp(spn, poll, secs)),
+            ("C spinning", lambda: pc(spn, C_SPINNING, secs)),
+            ("C spinning, epoll_wait(0) + read", lambda: pc(spn, C_EPOLL_SPINNING, secs)),
+            (f"kvmirqfast vCPU poll {poll // 1000}us, engine blocking",
+             lambda: pp(spn, poll, secs, engine_poll_ns=0))]
     # Blocking again with every thread on one CPU (threads inherit the creator's affinity): no
     # cross-CPU wake-ups, so what is left is the work done per round trip.
     one_cpu = _placements()[-1]
@@ -189,14 +198,12 @@ def fig_pingpong(res, cfg, lib, lib_reason, out):
 
         def ours_apart():
             with _Pinned(dev):
-                return _pp_kvmirqfast(lib, cfg.pp_blocking_iters, 0, cfg.pp_seconds,
-                                      vcpu_cpu=vcpu)
+                return pp(blk, 0, secs, vcpu_cpu=vcpu)
 
         def c_apart(mode):
             def run():
                 with _Pinned(dev):
-                    return _pp_c(lib, cfg.pp_blocking_iters, mode, cfg.pp_seconds,
-                                 responder_cpu=vcpu)
+                    return pc(blk, mode, secs, responder_cpu=vcpu)
             return run
         plan += [("kvmirqfast blocking, apart", ours_apart),
                  ("C blocking, apart", c_apart(C_BLOCKING)),
@@ -204,12 +211,6 @@ def fig_pingpong(res, cfg, lib, lib_reason, out):
     pooled = {name: [] for name, _ in plan}
     for rnd in range(cfg.pp_rounds):            # interleaved: a shift in the machine hits all
         for name, fn in plan:
-            # Each run starts from rest.  This kernel's scheduler puts a woken thread on its
-            # waker's CPU only while the waker's recent CPU use is low, and the two threads then
-            # stay where the first wake-ups put them: C's blocking ping-pong right after a busy
-            # second ran on two CPUs 10 times in 10 (~70 us), after 0.2 s of rest on one CPU 10
-            # times in 10 (~2 us).  Without the rest, whatever ran before would pick the row.
-            time.sleep(cfg.pp_settle_s)
             pooled[name] += _drop_warmup(fn())
     for name, _ in plan:
         samples = pooled[name]
