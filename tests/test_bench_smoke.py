@@ -33,6 +33,10 @@ def test_every_figure_has_rows(result):
             "C read", "C epoll_wait(0) + read", "pure Python epoll.poll(0) + read"}
         assert {r.baseline for r in _rows(result, "flood K=16: CPU/delivery")} >= {
             "naive C", "pure Python", "asyncio"}
+        multishot = [r for r in _rows(result, "flood K=16: CPU/delivery")
+                     if r.baseline == "C, io_uring multishot reads"]
+        skipped = [n for n in result.notes if "io_uring multishot reads skipped" in n]
+        assert multishot or skipped      # measured, or skipped with the reason
 
 
 def test_numbers_are_positive(result):
