@@ -216,6 +216,9 @@ def write_plot(res, path):
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels(labels, fontsize=8)
         ax.set_xscale("log")
+        pos = [v for v in vals if v and v > 0]
+        if pos:                                  # room for the value and target after each bar
+            ax.set_xlim(min(pos) / 2, max(pos) * 8)
         ax.invert_yaxis()
         for i, r in enumerate(rows):
             shown = _fmt_ratio(vals[i]) if r.baseline else _fmt_value(r.value, r.unit)
