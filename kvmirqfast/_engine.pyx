@@ -258,8 +258,11 @@ cdef void *engine_main(void *arg) noexcept nogil:
 cdef inline bint stand_aside(engine_t *e) noexcept nogil:
     # While a vCPU halt-polls or sleeps in epoll_wait (or is expected back soon: the lease), it
     # harvests the eventfds itself; if the engine also sat in epoll_wait, every write would wake
-    # it for nothing, on a CPU the device needs.  Sleep until the lease ends (at most 1 ms), then
-    # look again; behind a sleeping harvester, sleep until it leaves (it wakes us).
+    # it for nothing, on a CPU the device needs.  Sleep until the lease ends, then look again;
+    # while a vCPU is in halt, sleep the whole 1 ms: its lease is renewed at every interrupt (by
+    # at most poll_ns), and waking at each old end would preempt a polling vCPU every ~200 us.
+    # A vCPU that leaves without an interrupt wakes us; behind a sleeping harvester, sleep until
+    # it leaves.
     cdef uint32_t seq = kif_load32(&e.aside_seq)     # before the checks: a call-back is not lost
     cdef uint32_t pollers = kif_load32(&e.pollers)
     cdef uint64_t now = kif_now_ns(), lease = kif_load64(&e.poll_lease)
@@ -267,7 +270,7 @@ cdef inline bint stand_aside(engine_t *e) noexcept nogil:
     cdef uint64_t nap
     if not pollers and (now >= lease or kif_load32(&e.sleepers)):
         return False
-    nap = lease - now if lease > now else HARVEST_LEASE_NS
+    nap = lease - now if (lease > now and not pollers) else HARVEST_LEASE_NS
     if nap > HARVEST_LEASE_NS:
         nap = HARVEST_LEASE_NS
     if (lease <= now and kif_load32(&e.harvester)
