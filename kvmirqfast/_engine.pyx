@@ -311,13 +311,21 @@ cdef inline bint run_batch(engine_t *e, epoll_event *events, int n,
 
 
 cdef inline void add_stats(engine_stats_t *to, engine_stats_t *st) noexcept nogil:
-    kif_add64_relaxed(&to.events, st.events)
-    kif_add64_relaxed(&to.delivered, st.delivered)
-    kif_add64_relaxed(&to.deferred, st.deferred)
-    kif_add64_relaxed(&to.no_target, st.no_target)
-    kif_add64_relaxed(&to.empty, st.empty)
-    kif_add64_relaxed(&to.batches, st.batches)
-    kif_add64_relaxed(&to.kicks, st.kicks)
+    # After each halt that harvested: a locked add each, so only the counters that moved.
+    if st.events:
+        kif_add64_relaxed(&to.events, st.events)
+    if st.delivered:
+        kif_add64_relaxed(&to.delivered, st.delivered)
+    if st.deferred:
+        kif_add64_relaxed(&to.deferred, st.deferred)
+    if st.no_target:
+        kif_add64_relaxed(&to.no_target, st.no_target)
+    if st.empty:
+        kif_add64_relaxed(&to.empty, st.empty)
+    if st.batches:
+        kif_add64_relaxed(&to.batches, st.batches)
+    if st.kicks:
+        kif_add64_relaxed(&to.kicks, st.kicks)
 
 
 cdef inline void publish_stats(engine_t *e, engine_stats_t *st) noexcept nogil:
@@ -373,12 +381,12 @@ cdef bint poll_harvest(engine_t *e, lapic_t *l, uint64_t poll_ns,
     return False
 
 
-cdef bint sleep_harvest(engine_t *e, lapic_t *l, int64_t timeout_ns,
+cdef bint sleep_harvest(engine_t *e, lapic_t *l, int64_t timeout_ns, uint64_t start,
                         engine_stats_t *st) noexcept nogil:
-    # HLT in epoll_wait; the caller holds the harvester token.  A delivery to our LAPIC from
-    # anywhere else writes the kick eventfd (lapic_kick), which only the token holder drains.
+    # HLT in epoll_wait until timeout_ns after start (<0: none); the caller holds the harvester
+    # token.  A delivery to our LAPIC from anywhere else writes the kick eventfd (lapic_kick),
+    # which only the token holder drains.
     cdef epoll_event events[MAX_EVENTS]
-    cdef uint64_t start = kif_now_ns()
     cdef int64_t left
     cdef int n, ms
     cdef bint got = False
@@ -443,8 +451,8 @@ cdef bint engine_halt(engine_t *e, lapic_t *l, int64_t timeout_ns, uint64_t poll
     if got or (timeout_ns >= 0 and left <= 0):
         leave_harvest(e, got, poll_ns if poll_ns < HARVEST_LEASE_NS else HARVEST_LEASE_NS)
     elif kif_load32(&e.vcpu_harvest) and kif_cas32(&e.harvester, 0, 1):
-        kif_store64(&e.harvest_since, kif_now_ns())
-        got = sleep_harvest(e, l, left, st)
+        kif_store64(&e.harvest_since, kif_now_ns() if poll_ns else start)
+        got = sleep_harvest(e, l, timeout_ns, start, st)
         kif_store32(&e.harvester, 0)
         leave_harvest(e, got, HARVEST_LEASE_NS)
     else:
