@@ -11,6 +11,9 @@ cdef enum:
                             # by the engine's wakeup, cleared when the counter is taken
     MAX_EVENTS = 512        # epoll_wait batch
     KICK_TAG = 1            # epoll data of the kick eventfd (records are pointers, never 1)
+    ASIDE_TAG = 2           # epoll data of the aside eventfd (see engine_halt)
+    BATCH_KICKED = 1        # run_batch: the kick eventfd was in the batch
+    BATCH_ASIDE = 2         # run_batch: the aside eventfd was in the batch
     HARVEST_LEASE_NS = 1000000  # a vCPU that took an interrupt is expected back within this
     IDLE_HARVEST_NS = 10000000  # a harvester asleep this long is idle: the engine naps deeply
     STALE_MAX = 64          # unpinned slots that may keep their eventfd until released together
@@ -57,6 +60,9 @@ cdef struct engine_t:
     uint32_t _pad2
     uint64_t poll_lease     # until then a vCPU is expected back to poll (monotonic ns)
     int kickfd              # level-triggered in the set (data KICK_TAG): wakes a harvesting vCPU
+    int asidefd             # level-triggered in the set (data ASIDE_TAG): sends the engine aside
+    uint32_t in_wait        # 1 while the engine thread sleeps in epoll_wait
+    int tid                 # the engine thread's kernel id (0 before it runs)
     uint32_t harvester      # token: 1 while a vCPU sleeps in epoll_wait on our set (Engine.halt)
     uint32_t vcpu_harvest   # knob: may a halted vCPU harvest instead of sleeping on its futex
     uint32_t users          # vCPU threads inside halt(); close() waits them out

@@ -24,6 +24,10 @@ Ordering rules, stated once:
 * A vCPU asleep in epoll_wait publishes ``harvesting`` before its last look at the IRR, and a
   deliverer publishes the IRR before reading it (lapic_kick), so a delivery from elsewhere
   either is seen or writes the kick eventfd that wakes it.
+* The engine publishes ``in_wait`` before it looks at ``pollers`` and sleeps in epoll_wait; a vCPU
+  coming to halt publishes ``pollers`` before it looks at ``in_wait``.  So either the engine
+  stands aside, or the vCPU writes the aside eventfd, which wakes the engine out of epoll_wait
+  (only the waiting engine drains it).  Left there, every write would wake it for nothing.
 """
 
 cimport cython
@@ -161,13 +165,13 @@ cdef inline void irqfd_inject(engine_t *e, irqfd_t *irqfd, uint64_t route,
         st.deferred += 1
 
 
-cdef bint engine_batch(engine_t *e, epoll_event *events, int n,
-                       engine_stats_t *st) noexcept nogil:
+cdef int engine_batch(engine_t *e, epoll_event *events, int n,
+                      engine_stats_t *st) noexcept nogil:
     """irqfd_wakeup for a batch: take each counter, then deliver with the irqfd's route.
 
     With io_uring every counter of the batch is read by one io_uring_enter through our own
     reference to the eventfd (a fixed file); without it, one read per event through the fd.
-    True if the batch held the kick eventfd.
+    Returns BATCH_KICKED / BATCH_ASIDE if the batch held the kick / aside eventfd.
     """
     cdef irqfd_t *recs[MAX_EVENTS]
     cdef uint64_t routes[MAX_EVENTS]
@@ -176,13 +180,15 @@ cdef bint engine_batch(engine_t *e, epoll_event *events, int n,
     cdef uint32_t flags
     cdef uint64_t ud
     cdef int i, k = 0, res, got
-    cdef bint kicked = False
+    cdef int seen = 0
     for i in range(n):
         irqfd = <irqfd_t *>events[i].data.ptr
-        if <uintptr_t>irqfd <= KICK_TAG:         # the stop eventfd (NULL) or the kick
-            if irqfd != NULL:
-                kicked = True
+        if <uintptr_t>irqfd <= ASIDE_TAG:        # the stop eventfd (NULL), the kick, the aside
+            if <uintptr_t>irqfd == KICK_TAG:
+                seen |= BATCH_KICKED
                 st.kicks += 1
+            elif <uintptr_t>irqfd == ASIDE_TAG:
+                seen |= BATCH_ASIDE
             continue
         st.events += 1
         flags = kif_load32(&irqfd.flags)
@@ -210,7 +216,7 @@ cdef bint engine_batch(engine_t *e, epoll_event *events, int n,
         else:
             st.empty += 1
     if k == 0:
-        return kicked
+        return seen
     got = 0
     if kif_ring_submit_wait(&e.ring, k, k) >= 0:
         while kif_ring_reap(&e.ring, &ud, &res):
@@ -221,16 +227,17 @@ cdef bint engine_batch(engine_t *e, epoll_event *events, int n,
                 st.empty += 1
     if got < k:                                  # cannot happen for eventfd reads; be safe
         e.has_ring = False
-    return kicked
+    return seen
 
 
 cdef void *engine_main(void *arg) noexcept nogil:
     cdef engine_t *e = <engine_t *>arg
     cdef epoll_event events[MAX_EVENTS]
     cdef engine_stats_t st
-    cdef int n, i, timeout
+    cdef int n, i, timeout, seen
     cdef uint64_t last_event = 0
     memset(&st, 0, sizeof(st))
+    kif_store32(<uint32_t *>&e.tid, <uint32_t>kif_gettid())
     while not kif_load32(&e.stop):
         if stand_aside(e):
             continue
@@ -238,12 +245,21 @@ cdef void *engine_main(void *arg) noexcept nogil:
         if e.poll_ns and not kif_load32(&e.pollers) and kif_now_ns() - last_event < e.poll_ns:
             timeout = 0                          # halt-polling: spin instead of sleeping
             st.polls += 1
+        else:
+            kif_store32(&e.in_wait, 1)           # then pollers: see the module docstring
+            if kif_load32(&e.pollers):
+                kif_store32(&e.in_wait, 0)
+                continue
         n = epoll_wait(e.epfd, events, MAX_EVENTS, timeout)
+        kif_store32(&e.in_wait, 0)
         if n <= 0:
             if timeout == 0:
                 kif_cpu_relax()
             continue
-        if run_batch(e, events, n, &st) and kif_cas32(&e.harvester, 0, 1):
+        seen = run_batch(e, events, n, &st)
+        if seen & BATCH_ASIDE:
+            kif_eventfd_drain(e.asidefd)
+        if seen & BATCH_KICKED and kif_cas32(&e.harvester, 0, 1):
             kif_eventfd_drain(e.kickfd)          # a late kick for a harvester that has left
             kif_store32(&e.harvester, 0)
         # (A kick while a vCPU harvests is its: level-triggered, it stays for that vCPU, and
@@ -290,24 +306,24 @@ cdef inline bint stand_aside(engine_t *e) noexcept nogil:
     return True
 
 
-cdef inline bint run_batch(engine_t *e, epoll_event *events, int n,
-                           engine_stats_t *st) noexcept nogil:
+cdef inline int run_batch(engine_t *e, epoll_event *events, int n,
+                          engine_stats_t *st) noexcept nogil:
     # The engine thread and halt-polling vCPU threads harvest the same epoll set; each event
     # goes to one of them.  batch_lock lets one batch run at a time (the io_uring SQ/CQ have one
     # user); batch_seq is odd while it runs (see synchronize).
-    cdef bint kicked
+    cdef int seen
     cdef uint64_t before = st.events
     pthread_mutex_lock(&e.batch_lock)
     if kif_load32(&e.stop):                      # closing: the records may be going away
         pthread_mutex_unlock(&e.batch_lock)
-        return False
+        return 0
     kif_add64(&e.batch_seq, 1)                   # odd: we hold records
-    kicked = engine_batch(e, events, n, st)
+    seen = engine_batch(e, events, n, st)
     if st.events != before:                      # a batch of irqfd wakeups, not only a kick
         st.batches += 1
     kif_add64(&e.batch_seq, 1)                   # even: records released
     pthread_mutex_unlock(&e.batch_lock)
-    return kicked
+    return seen
 
 
 cdef inline void add_stats(engine_stats_t *to, engine_stats_t *st) noexcept nogil:
@@ -361,6 +377,13 @@ def eventfd_info(int fd):
 # delivers for them.  While a vCPU harvests, or is expected back soon (the lease), the engine
 # stands aside.
 
+cdef inline void drop_aside(engine_t *e) noexcept nogil:
+    # The aside eventfd is the engine's while it waits (it drains it on waking); one we see
+    # with the engine not waiting is left over from a race both sides won: drop it.
+    if not kif_load32(&e.in_wait):
+        kif_eventfd_drain(e.asidefd)
+
+
 cdef bint poll_harvest(engine_t *e, lapic_t *l, uint64_t poll_ns,
                        engine_stats_t *st) noexcept nogil:
     # halt_poll_ns: spin on epoll_wait(0), delivering whatever arrives, until our LAPIC has an
@@ -375,7 +398,8 @@ cdef bint poll_harvest(engine_t *e, lapic_t *l, uint64_t poll_ns,
             return False
         n = epoll_wait(e.epfd, events, MAX_EVENTS, 0)
         if n > 0:
-            run_batch(e, events, n, st)
+            if run_batch(e, events, n, st) & BATCH_ASIDE:
+                drop_aside(e)
         else:
             kif_cpu_relax()
     return False
@@ -388,7 +412,7 @@ cdef bint sleep_harvest(engine_t *e, lapic_t *l, int64_t timeout_ns, uint64_t st
     # which only the token holder drains.
     cdef epoll_event events[MAX_EVENTS]
     cdef int64_t left
-    cdef int n, ms
+    cdef int n, ms, seen
     cdef bint got = False
     l.kickfd = e.kickfd
     while not kif_load32(&e.stop) and not kif_load32(&l.shutdown):
@@ -406,7 +430,10 @@ cdef bint sleep_harvest(engine_t *e, lapic_t *l, int64_t timeout_ns, uint64_t st
         kif_store32(&l.harvesting, 0)            # awake: our own deliveries need no kick
         if n < 0:
             break                                # EINTR: let the caller look at signals
-        if n > 0 and run_batch(e, events, n, st):
+        seen = run_batch(e, events, n, st) if n > 0 else 0
+        if seen & BATCH_ASIDE:
+            drop_aside(e)
+        if seen & BATCH_KICKED:
             kif_eventfd_drain(e.kickfd)          # drained before the IRR is looked at again
     kif_store32(&l.harvesting, 0)
     return got
@@ -443,6 +470,8 @@ cdef bint engine_halt(engine_t *e, lapic_t *l, int64_t timeout_ns, uint64_t poll
         kif_sub32(&e.users, 1)
         return False
     kif_add32(&e.pollers, 1)
+    if kif_load32(&e.in_wait):                   # the engine sleeps in epoll_wait: send it
+        kif_eventfd_signal(e.asidefd)            # aside (see engine_main)
     if poll_ns:
         got = poll_harvest(e, l, poll_ns if (timeout_ns < 0 or <int64_t>poll_ns < timeout_ns)
                            else <uint64_t>timeout_ns, st)
@@ -528,6 +557,7 @@ cdef class Engine:
         self.e.epfd = -1
         self.e.wakefd = -1
         self.e.kickfd = -1
+        self.e.asidefd = -1
         self.e.vcpu_harvest = 1
         self.e.ring.fd = -1
         self.created_pid = getpid()
@@ -551,6 +581,13 @@ cdef class Engine:
         ev.events = EPOLLIN                      # level-triggered: stays until its vCPU drains it
         ev.data.ptr = <void *>KICK_TAG
         if epoll_ctl(self.e.epfd, EPOLL_CTL_ADD, self.e.kickfd, &ev) < 0:
+            raise OSError(errno, os.strerror(errno))
+        self.e.asidefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+        if self.e.asidefd < 0:
+            raise OSError(errno, os.strerror(errno))
+        ev.events = EPOLLIN                      # level-triggered: stays until the engine drains it
+        ev.data.ptr = <void *>ASIDE_TAG
+        if epoll_ctl(self.e.epfd, EPOLL_CTL_ADD, self.e.asidefd, &ev) < 0:
             raise OSError(errno, os.strerror(errno))
         self._free_slots = []
         self._stale_slots = []
@@ -633,6 +670,9 @@ cdef class Engine:
         if self.e.kickfd >= 0:
             close(self.e.kickfd)
             self.e.kickfd = -1
+        if self.e.asidefd >= 0:
+            close(self.e.asidefd)
+            self.e.asidefd = -1
 
     def close(self):
         """Stop the thread, wake the deferred worker for good, close the epoll and wake fds.
@@ -805,6 +845,11 @@ cdef class Engine:
     @property
     def uses_ring(self):
         return bool(self.e.has_ring)
+
+    @property
+    def thread_id(self):
+        """The engine thread's kernel id (/proc/self/task/<id>), 0 until it runs."""
+        return <int>kif_load32(<uint32_t *>&self.e.tid)
 
     @property
     def ring_fd(self):

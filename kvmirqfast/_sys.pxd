@@ -108,6 +108,7 @@ cdef extern from "kvmirqfast_atomic.h" nogil:
     long kif_futex_wait(uint32_t *p, uint32_t val, const timespec *timeout)
     long kif_futex_wake(uint32_t *p, int n)
     uint64_t kif_now_ns()
+    int kif_gettid()
     long kif_kcmp_epoll_tfd(int fd, int epfd, int tfd)
     long kif_kcmp_file(int fd1, int fd2)
     int64_t kif_eventfd_count(int fd)

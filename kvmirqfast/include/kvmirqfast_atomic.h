@@ -104,6 +104,9 @@ static inline int64_t kif_eventfd_count(int fd) {
     return kif_eventfd_info(fd, &id, &count) == 0 ? (int64_t)count : -1;
 }
 
+/* The calling thread's kernel id (for /proc/self/task/<tid>). */
+static inline int kif_gettid(void) { return (int)syscall(SYS_gettid); }
+
 static inline uint64_t kif_now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
