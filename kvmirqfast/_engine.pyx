@@ -25,9 +25,12 @@ Ordering rules, stated once:
   deliverer publishes the IRR before reading it (lapic_kick), so a delivery from elsewhere
   either is seen or writes the kick eventfd that wakes it.
 * The engine publishes ``in_wait`` before it looks at ``pollers`` and sleeps in epoll_wait; a vCPU
-  coming to halt publishes ``pollers`` before it looks at ``in_wait``.  So either the engine
-  stands aside, or the vCPU writes the aside eventfd, which wakes the engine out of epoll_wait
-  (only the waiting engine drains it).  Left there, every write would wake it for nothing.
+  coming to halt-poll publishes ``pollers`` before it looks at ``in_wait``.  So either the
+  engine stands aside, or the vCPU writes the aside eventfd, which wakes the engine out of
+  epoll_wait (only the waiting engine drains it).  Left there, every write would wake it, and
+  the spinning vCPU would take the event first, so it would never come out.  (A vCPU that
+  sleeps in epoll_wait needs none of this: epoll wakes one waiter per write, the engine, which
+  returns with the event and stands aside.)
 """
 
 cimport cython
@@ -377,11 +380,14 @@ def eventfd_info(int fd):
 # delivers for them.  While a vCPU harvests, or is expected back soon (the lease), the engine
 # stands aside.
 
-cdef inline void drop_aside(engine_t *e) noexcept nogil:
+cdef inline void drop_aside(engine_t *e, bint sleeper) noexcept nogil:
     # The aside eventfd is the engine's while it waits (it drains it on waking); one we see
-    # with the engine not waiting is left over from a race both sides won: drop it.
+    # with the engine not waiting is left over from a race both sides won: drop it.  A vCPU
+    # about to sleep in epoll_wait lets the waking engine run first rather than spin on it.
     if not kif_load32(&e.in_wait):
         kif_eventfd_drain(e.asidefd)
+    elif sleeper:
+        sched_yield()
 
 
 cdef bint poll_harvest(engine_t *e, lapic_t *l, uint64_t poll_ns,
@@ -399,7 +405,7 @@ cdef bint poll_harvest(engine_t *e, lapic_t *l, uint64_t poll_ns,
         n = epoll_wait(e.epfd, events, MAX_EVENTS, 0)
         if n > 0:
             if run_batch(e, events, n, st) & BATCH_ASIDE:
-                drop_aside(e)
+                drop_aside(e, False)
         else:
             kif_cpu_relax()
     return False
@@ -432,7 +438,7 @@ cdef bint sleep_harvest(engine_t *e, lapic_t *l, int64_t timeout_ns, uint64_t st
             break                                # EINTR: let the caller look at signals
         seen = run_batch(e, events, n, st) if n > 0 else 0
         if seen & BATCH_ASIDE:
-            drop_aside(e)
+            drop_aside(e, True)
         if seen & BATCH_KICKED:
             kif_eventfd_drain(e.kickfd)          # drained before the IRR is looked at again
     kif_store32(&l.harvesting, 0)
@@ -470,8 +476,8 @@ cdef bint engine_halt(engine_t *e, lapic_t *l, int64_t timeout_ns, uint64_t poll
         kif_sub32(&e.users, 1)
         return False
     kif_add32(&e.pollers, 1)
-    if kif_load32(&e.in_wait):                   # the engine sleeps in epoll_wait: send it
-        kif_eventfd_signal(e.asidefd)            # aside (see engine_main)
+    if poll_ns and kif_load32(&e.in_wait):       # the engine sleeps in epoll_wait: send it
+        kif_eventfd_signal(e.asidefd)            # aside (see the module docstring)
     if poll_ns:
         got = poll_harvest(e, l, poll_ns if (timeout_ns < 0 or <int64_t>poll_ns < timeout_ns)
                            else <uint64_t>timeout_ns, st)
