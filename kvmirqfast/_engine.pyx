@@ -254,7 +254,8 @@ cdef void *engine_main(void *arg) noexcept nogil:
                 kif_store32(&e.in_wait, 0)
                 continue
         n = epoll_wait(e.epfd, events, MAX_EVENTS, timeout)
-        kif_store32(&e.in_wait, 0)
+        if timeout:
+            kif_store32(&e.in_wait, 0)
         if n <= 0:
             if timeout == 0:
                 kif_cpu_relax()
@@ -329,22 +330,20 @@ cdef inline int run_batch(engine_t *e, epoll_event *events, int n,
     return seen
 
 
+cdef inline void add_moved(uint64_t *to, uint64_t v) noexcept nogil:
+    if v:                                        # a locked add only for a counter that moved
+        kif_add64_relaxed(to, v)
+
+
 cdef inline void add_stats(engine_stats_t *to, engine_stats_t *st) noexcept nogil:
-    # After each halt that harvested: a locked add each, so only the counters that moved.
-    if st.events:
-        kif_add64_relaxed(&to.events, st.events)
-    if st.delivered:
-        kif_add64_relaxed(&to.delivered, st.delivered)
-    if st.deferred:
-        kif_add64_relaxed(&to.deferred, st.deferred)
-    if st.no_target:
-        kif_add64_relaxed(&to.no_target, st.no_target)
-    if st.empty:
-        kif_add64_relaxed(&to.empty, st.empty)
-    if st.batches:
-        kif_add64_relaxed(&to.batches, st.batches)
-    if st.kicks:
-        kif_add64_relaxed(&to.kicks, st.kicks)
+    # After each halt that harvested.
+    add_moved(&to.events, st.events)
+    add_moved(&to.delivered, st.delivered)
+    add_moved(&to.deferred, st.deferred)
+    add_moved(&to.no_target, st.no_target)
+    add_moved(&to.empty, st.empty)
+    add_moved(&to.batches, st.batches)
+    add_moved(&to.kicks, st.kicks)
 
 
 cdef inline void publish_stats(engine_t *e, engine_stats_t *st) noexcept nogil:
